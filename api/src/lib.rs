@@ -1,0 +1,1 @@
+//! EdgeSync custom resource types.

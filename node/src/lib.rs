@@ -1,0 +1,16 @@
+//! EdgeSync node: what runs on one edge device of a decentralized federation.
+//!
+//! A node loads only the images it holds locally ([`data`]), trains a CNN on them with
+//! libtorch ([`model`], [`optim`], [`train`]), evaluates it ([`eval`]) and keeps its progress
+//! in crash-safe checkpoints ([`checkpoint`]). The `dfl-node` binary exposes all of it
+//! through [`cli`].
+
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod model;
+pub mod optim;
+pub mod telemetry;
+pub mod train;

@@ -1,0 +1,237 @@
+//! The CNNs nodes train.
+//!
+//! Both architectures are the same network at two widths, with PyTorch-style parameter
+//! names (`conv1.weight`, `bn1.running_mean`, `fc2.bias`, …) so that checkpoints load in
+//! PyTorch and so that the narrow model's parameters line up with slices of the wide one's.
+//!
+//! - Jetson class: three conv blocks of 32, 64 and 128 channels (3x3 convolution, batch
+//!   norm, ReLU, 2x2 max-pool), then a 256-unit hidden layer with dropout and 10 outputs.
+//! - Akida class: half the channels (16, 32, 64), a 128-unit hidden layer, one input
+//!   channel, and a ReLU capped at 6 everywhere, the bounded activation Akida hardware
+//!   computes.
+//!
+//! The feature map is average-pooled to a fixed 2x2 grid before the classifier, so the same
+//! architecture serves 28x28 and 32x32 inputs while keeping coarse spatial layout.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::nn::{self, ModuleT};
+use tch::Tensor;
+
+/// Side of the grid the last feature map is pooled to.
+const POOLED_SIDE: i64 = 2;
+
+/// Which network a node trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Architecture {
+    /// Full-width CNN for GPU-class devices.
+    JetsonCnn,
+    /// Half-width CNN with bounded activations, for Akida-class devices.
+    AkidaCnn,
+}
+
+impl Architecture {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::JetsonCnn => "jetson-cnn",
+            Architecture::AkidaCnn => "akida-cnn",
+        }
+    }
+
+    fn widths(self) -> ([i64; 3], i64) {
+        match self {
+            Architecture::JetsonCnn => ([32, 64, 128], 256),
+            Architecture::AkidaCnn => ([16, 32, 64], 128),
+        }
+    }
+}
+
+/// Everything that fixes a model's parameter shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub architecture: Architecture,
+    pub in_channels: i64,
+    pub classes: i64,
+}
+
+/// A conv block: convolution, batch norm, activation, 2x2 max-pool.
+#[derive(Debug)]
+struct ConvBlock {
+    conv: nn::Conv2D,
+    bn: nn::BatchNorm,
+}
+
+#[derive(Debug)]
+pub struct Cnn {
+    blocks: Vec<ConvBlock>,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    /// Upper bound of the activation, for hardware that computes a bounded ReLU.
+    activation_cap: Option<f64>,
+    dropout: f64,
+}
+
+impl Cnn {
+    pub fn new(root: &nn::Path, spec: ModelSpec) -> Cnn {
+        let (widths, hidden) = spec.architecture.widths();
+        let conv_cfg = nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let mut blocks = Vec::new();
+        let mut channels = spec.in_channels;
+        for (i, &width) in widths.iter().enumerate() {
+            let n = i + 1;
+            blocks.push(ConvBlock {
+                conv: nn::conv2d(root / format!("conv{n}"), channels, width, 3, conv_cfg),
+                bn: nn::batch_norm2d(root / format!("bn{n}"), width, Default::default()),
+            });
+            channels = width;
+        }
+        let features = channels * POOLED_SIDE * POOLED_SIDE;
+        let (activation_cap, dropout) = match spec.architecture {
+            Architecture::JetsonCnn => (None, 0.5),
+            Architecture::AkidaCnn => (Some(6.0), 0.25),
+        };
+        Cnn {
+            blocks,
+            fc1: nn::linear(root / "fc1", features, hidden, Default::default()),
+            fc2: nn::linear(root / "fc2", hidden, spec.classes, Default::default()),
+            activation_cap,
+            dropout,
+        }
+    }
+
+    fn activate(&self, xs: Tensor) -> Tensor {
+        match self.activation_cap {
+            Some(cap) => xs.clamp(0.0, cap),
+            None => xs.relu(),
+        }
+    }
+}
+
+impl ModuleT for Cnn {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let mut xs = xs.shallow_clone();
+        for block in &self.blocks {
+            let ys = xs.apply(&block.conv).apply_t(&block.bn, train);
+            xs = self.activate(ys).max_pool2d_default(2);
+        }
+        let xs = xs
+            .adaptive_avg_pool2d([POOLED_SIDE, POOLED_SIDE])
+            .flatten(1, -1)
+            .apply(&self.fc1);
+        self.activate(xs)
+            .dropout(self.dropout, train)
+            .apply(&self.fc2)
+    }
+}
+
+/// Stores every 4-d parameter (the convolution kernels) in channels-last layout.
+///
+/// oneDNN's CPU convolutions run markedly faster on NHWC data; with kernels and inputs
+/// both channels-last, libtorch keeps activations and gradients in that layout end to end.
+/// Shapes and names are unchanged, so nothing else has to know.
+pub fn use_channels_last(vs: &nn::VarStore) {
+    tch::no_grad(|| {
+        for (_, mut var) in vs.variables() {
+            if var.dim() == 4 {
+                let nhwc = to_channels_last(&var);
+                var.set_data(&nhwc);
+            }
+        }
+    });
+}
+
+/// The same `[N, C, H, W]` tensor with channels-last strides.
+pub fn to_channels_last(xs: &Tensor) -> Tensor {
+    xs.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// A digest of the architecture and every parameter's name and shape: two models can
+/// exchange parameters tensor for tensor exactly when their fingerprints are equal.
+pub fn fingerprint(architecture: Architecture, vs: &nn::VarStore) -> String {
+    let mut vars: Vec<(String, Vec<i64>)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (name, t.size()))
+        .collect();
+    vars.sort();
+    let mut hasher = Sha256::new();
+    hasher.update(architecture.as_str());
+    for (name, shape) in vars {
+        hasher.update(format!("|{name}:{shape:?}"));
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Device, Kind};
+
+    use super::*;
+
+    fn build(architecture: Architecture, in_channels: i64) -> (nn::VarStore, Cnn) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let spec = ModelSpec {
+            architecture,
+            in_channels,
+            classes: 10,
+        };
+        let model = Cnn::new(&vs.root(), spec);
+        (vs, model)
+    }
+
+    #[test]
+    fn same_architecture_serves_28_and_32_pixel_inputs() {
+        for (arch, channels) in [(Architecture::JetsonCnn, 3), (Architecture::AkidaCnn, 1)] {
+            let (_vs, model) = build(arch, channels);
+            for side in [28, 32] {
+                let xs = Tensor::randn([2, channels, side, side], (Kind::Float, Device::Cpu));
+                assert_eq!(model.forward_t(&xs, false).size(), vec![2, 10]);
+            }
+        }
+    }
+
+    #[test]
+    fn parameter_names_follow_pytorch_conventions() {
+        let (vs, _) = build(Architecture::JetsonCnn, 3);
+        let names: std::collections::BTreeSet<String> = vs.variables().into_keys().collect();
+        for expected in ["conv1.weight", "bn3.running_var", "fc1.weight", "fc2.bias"] {
+            assert!(names.contains(expected), "{expected} missing from {names:?}");
+        }
+        assert_eq!(vs.variables()["fc1.weight"].size(), vec![256, 128 * 4]);
+    }
+
+    #[test]
+    fn akida_activations_are_bounded() {
+        let (_vs, model) = build(Architecture::AkidaCnn, 1);
+        let xs = Tensor::full([1, 16, 4, 4], 100.0, (Kind::Float, Device::Cpu));
+        assert_eq!(model.activate(xs).max().double_value(&[]), 6.0);
+    }
+
+    #[test]
+    fn channels_last_keeps_values_and_outputs() {
+        let (vs, model) = build(Architecture::JetsonCnn, 3);
+        let xs = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let before = model.forward_t(&xs, false);
+        use_channels_last(&vs);
+        let w = &vs.variables()["conv2.weight"];
+        assert_eq!(w.stride()[1], 1, "channels must be the innermost dimension");
+        let after = model.forward_t(&to_channels_last(&xs), false);
+        let diff = (before - after).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{diff}");
+    }
+
+    #[test]
+    fn fingerprints_differ_between_architectures_and_inputs() {
+        let jetson = fingerprint(Architecture::JetsonCnn, &build(Architecture::JetsonCnn, 3).0);
+        let again = fingerprint(Architecture::JetsonCnn, &build(Architecture::JetsonCnn, 3).0);
+        let gray = fingerprint(Architecture::JetsonCnn, &build(Architecture::JetsonCnn, 1).0);
+        let akida = fingerprint(Architecture::AkidaCnn, &build(Architecture::AkidaCnn, 1).0);
+        assert_eq!(jetson, again);
+        assert_ne!(jetson, gray);
+        assert_ne!(gray, akida);
+    }
+}

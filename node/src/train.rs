@@ -1,0 +1,227 @@
+//! Local training: a model, its optimiser and the node's own data, stepped batch by batch.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, CheckpointError};
+use crate::data::{Augment, Batcher, Dataset, Normalize};
+use crate::eval::{self, EvalReport};
+use crate::model::{self, Cnn, ModelSpec};
+use crate::optim::{CosineSchedule, OptimError, Optimizer, OptimizerConfig};
+
+/// How a node trains locally.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub local_steps: u64,
+    pub rounds: u64,
+    pub optimizer: OptimizerConfig,
+    /// Linear learning-rate warm-up at the start of training, in steps.
+    pub warmup_steps: u64,
+    pub augment: bool,
+    /// Seeds model initialisation, batch order and augmentation.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    pub fn total_steps(&self) -> u64 {
+        self.rounds * self.local_steps
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Optimizer(#[from] OptimError),
+    #[error("checkpoint {path} was written for model {found}, this node runs {expected}")]
+    WrongModel {
+        path: String,
+        found: String,
+        expected: String,
+    },
+    #[error("checkpoint {path} lacks parameter {name}")]
+    MissingParameter { path: String, name: String },
+    #[error("training loss became {0}: lower the learning rate or enable gradient clipping")]
+    Diverged(f64),
+}
+
+/// What a run of local steps did.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepStats {
+    pub mean_loss: f64,
+    pub samples: u64,
+    pub seconds: f64,
+}
+
+/// A model with its optimiser, training on a node's local data.
+pub struct Trainer {
+    pub vs: nn::VarStore,
+    pub model: Cnn,
+    pub spec: ModelSpec,
+    pub config: TrainConfig,
+    pub device: Device,
+    optimizer: Optimizer,
+    schedule: CosineSchedule,
+    batcher: Batcher,
+    normalize: Normalize,
+    channels_last: bool,
+}
+
+impl Trainer {
+    /// Builds the model from `config.seed` (so every node given the same seed starts from
+    /// the same weights) and prepares batching over `train_len` samples.
+    pub fn new(spec: ModelSpec, config: TrainConfig, train_len: usize, device: Device) -> Self {
+        tch::manual_seed(config.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let model = Cnn::new(&vs.root(), spec);
+        // Channels-last pays off for oneDNN on CPUs; cuDNN picks its own layouts.
+        let channels_last = device == Device::Cpu;
+        if channels_last {
+            model::use_channels_last(&vs);
+        }
+        let optimizer = Optimizer::new(&vs, config.optimizer);
+        let schedule = CosineSchedule {
+            base: config.optimizer.learning_rate,
+            total_steps: config.total_steps(),
+            warmup_steps: config.warmup_steps,
+            min_fraction: 0.01,
+        };
+        let augment = config.augment.then(Augment::natural_images);
+        let batcher = Batcher::new(
+            train_len,
+            config.batch_size,
+            Normalize::default(),
+            augment,
+            config.seed ^ 0x5eed_ba7c,
+        );
+        Trainer {
+            vs,
+            model,
+            spec,
+            config,
+            device,
+            optimizer,
+            schedule,
+            batcher,
+            normalize: Normalize::default(),
+            channels_last,
+        }
+    }
+
+    pub fn fingerprint(&self) -> String {
+        model::fingerprint(self.spec.architecture, &self.vs)
+    }
+
+    /// Optimiser steps taken so far (across restarts).
+    pub fn steps(&self) -> u64 {
+        self.optimizer.steps()
+    }
+
+    pub fn learning_rate(&self) -> f64 {
+        self.schedule.rate(self.optimizer.steps())
+    }
+
+    /// Runs `steps` optimiser steps on batches of `data`. Blocking and CPU-heavy: async
+    /// callers run it on a blocking thread.
+    pub fn train_steps(&mut self, data: &Dataset, steps: u64) -> Result<StepStats, TrainError> {
+        let start = Instant::now();
+        let mut loss_sum = 0.0;
+        for _ in 0..steps {
+            let (mut inputs, labels) = self.batcher.next_batch(data, self.device);
+            if self.channels_last {
+                inputs = model::to_channels_last(&inputs);
+            }
+            self.optimizer.zero_grad();
+            let loss = self
+                .model
+                .forward_t(&inputs, true)
+                .cross_entropy_for_logits(&labels);
+            loss.backward();
+            let lr = self.schedule.rate(self.optimizer.steps());
+            self.optimizer.step(lr);
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                return Err(TrainError::Diverged(value));
+            }
+            loss_sum += value;
+        }
+        Ok(StepStats {
+            mean_loss: loss_sum / steps.max(1) as f64,
+            samples: steps * self.config.batch_size.min(data.len()) as u64,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub fn evaluate(&self, data: &Dataset) -> EvalReport {
+        eval::evaluate(&self.model, data, self.normalize, self.device, self.channels_last)
+    }
+
+    /// Model parameters and buffers, by PyTorch-style name, in standard (NCHW) layout.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut vars: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| (name, t.detach()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Everything a resumed run needs: parameters, optimiser state and `extra` tensors,
+    /// with the step count and `metadata` alongside.
+    pub fn save_checkpoint(
+        &self,
+        path: &Path,
+        extra: Vec<(String, Tensor)>,
+        mut metadata: BTreeMap<String, String>,
+    ) -> Result<(), TrainError> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.contiguous()))
+            .collect();
+        tensors.extend(self.optimizer.state());
+        tensors.extend(extra);
+        metadata.insert("step".into(), self.optimizer.steps().to_string());
+        metadata.insert("architecture".into(), self.spec.architecture.as_str().into());
+        metadata.insert("fingerprint".into(), self.fingerprint());
+        checkpoint::save(path, &tensors, &metadata)?;
+        Ok(())
+    }
+
+    /// Restores parameters and optimiser state from `path`; returns the checkpoint so the
+    /// caller can read its own tensors and metadata.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<checkpoint::Checkpoint, TrainError> {
+        let ck = checkpoint::load(path)?;
+        let found: String = ck.field("fingerprint")?;
+        if found != self.fingerprint() {
+            return Err(TrainError::WrongModel {
+                path: path.display().to_string(),
+                found,
+                expected: self.fingerprint(),
+            });
+        }
+        tch::no_grad(|| -> Result<(), TrainError> {
+            for (name, mut var) in self.vs.variables() {
+                let src = ck.tensors.get(&name).ok_or_else(|| TrainError::MissingParameter {
+                    path: path.display().to_string(),
+                    name: name.clone(),
+                })?;
+                var.copy_(&src.to_kind(Kind::Float).to_device(self.device));
+            }
+            Ok(())
+        })?;
+        let step: u64 = ck.field("step")?;
+        self.optimizer.load_state(&ck.tensors, step)?;
+        Ok(ck)
+    }
+}
