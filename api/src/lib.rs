@@ -1,1 +1,19 @@
-//! EdgeSync custom resource types.
+//! EdgeSync's custom resources, shared by the node (which runs them locally) and the operator
+//! (which reconciles them into pods).
+//!
+//! Both kinds are namespaced: a federation's pods, Secrets and ConfigMaps live in a
+//! namespace, owner references may only point within one, and namespaces let several teams
+//! run federations on one cluster without seeing each other's resources.
+
+mod federation;
+mod manifest;
+mod node;
+
+pub use federation::*;
+pub use manifest::{Manifest, ManifestError};
+pub use node::*;
+
+/// API group of every EdgeSync resource.
+pub const GROUP: &str = "edgesync.dev";
+/// API version of every EdgeSync resource.
+pub const VERSION: &str = "v1alpha1";
