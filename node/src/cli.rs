@@ -1,6 +1,7 @@
 //! The `dfl-node` command line.
 
 mod data_cmd;
+mod federation_cmd;
 mod train_cmd;
 
 use clap::{Args, Parser, Subcommand};
@@ -26,6 +27,10 @@ pub enum Command {
     /// Download or inspect datasets.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Run one node of a federation (what a pod runs).
+    Run(federation_cmd::RunArgs),
+    /// Run a whole federation from a manifest as local processes on 127.0.0.1.
+    Local(federation_cmd::LocalArgs),
 }
 
 /// Which data a node reads, shared by every command that loads images.
@@ -101,5 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train_cmd::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Run(args) => federation_cmd::run_node(args),
+        Command::Local(args) => federation_cmd::run_local(args),
     }
 }

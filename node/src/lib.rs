@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod federation;
 pub mod model;
 pub mod optim;
 pub mod telemetry;

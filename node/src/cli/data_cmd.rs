@@ -1,15 +1,20 @@
-//! `dfl-node data …`: inspect datasets and their partitions.
+//! `dfl-node data …`: download datasets, inspect them and their partitions.
+
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::{DataArgs, PartitionArgs};
+use crate::data::fetch::{self, FetchDataset, Fetcher};
 use crate::data::{self, partition, Split};
 
 #[derive(Debug, Subcommand)]
 pub enum DataCommand {
     /// Print a dataset's sizes, label histogram and per-node partition histogram.
     Inspect(InspectArgs),
+    /// Download a public dataset from its official source, verify it and unpack it.
+    Fetch(FetchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -21,10 +26,44 @@ pub struct InspectArgs {
     pub partition: PartitionArgs,
 }
 
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Dataset to download.
+    #[arg(long, env = "EDGESYNC_FETCH_DATASET", value_enum)]
+    pub dataset: FetchDataset,
+
+    /// Folder to put the dataset's files in; created if missing.
+    #[arg(long, env = "EDGESYNC_FETCH_DIR")]
+    pub dir: PathBuf,
+
+    /// Folder URL of a mirror holding the same file names, used instead of the official one.
+    #[arg(long, env = "EDGESYNC_FETCH_BASE_URL")]
+    pub base_url: Option<String>,
+}
+
 pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
     match cmd {
         DataCommand::Inspect(args) => inspect(args),
+        DataCommand::Fetch(args) => fetch(args),
     }
+}
+
+fn fetch(args: FetchArgs) -> anyhow::Result<()> {
+    let (name, dir) = (args.dataset.as_str(), &args.dir);
+    let files = args.dataset.remote_files(args.base_url.as_deref());
+    fetch::fetch(&Fetcher::default(), args.dataset, &files, dir)
+        .with_context(|| format!("fetching {name} into {}", dir.display()))?;
+    // Auto-detection cannot tell MNIST from Fashion-MNIST by their files, so name the kind.
+    let kind = match args.dataset {
+        FetchDataset::Cifar10 => "cifar10-bin",
+        FetchDataset::Mnist => "mnist",
+        FetchDataset::FashionMnist => "fashion-mnist",
+    };
+    println!(
+        "{name} ready: use --data {} --data-kind {kind}",
+        dir.display()
+    );
+    Ok(())
 }
 
 fn inspect(args: InspectArgs) -> anyhow::Result<()> {
@@ -51,7 +90,10 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         print_row("  classes", &set.classes);
         print_row(
             "  samples",
-            &set.histogram().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            &set.histogram()
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
         );
     }
 
@@ -66,7 +108,10 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let hist = partition::histograms(&labels, &shares, train.classes.len());
     for (node, row) in hist.iter().enumerate() {
         let cells: Vec<String> = row.iter().map(|n| n.to_string()).collect();
-        print_row(&format!("  node {node} ({:>5})", shares[node].len()), &cells);
+        print_row(
+            &format!("  node {node} ({:>5})", shares[node].len()),
+            &cells,
+        );
     }
     Ok(())
 }

@@ -117,11 +117,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut test = data::load(&spec, Split::Test)
         .with_context(|| format!("loading test data from {}", spec.path.display()))?;
     if args.eval_limit > 0 && args.eval_limit < test.len() {
-        // Evenly spaced, so that a limited evaluation still covers every class of a test
-        // split stored class by class.
-        let step = test.len() as f64 / args.eval_limit as f64;
-        let picked: Vec<usize> = (0..args.eval_limit).map(|i| (i as f64 * step) as usize).collect();
-        test = test.subset(&picked);
+        test = test.evenly_spaced(args.eval_limit);
     }
     let shares = partition::split(
         &full_train.labels_vec(),

@@ -8,6 +8,7 @@
 
 mod batcher;
 mod cifar_bin;
+pub mod fetch;
 mod folder;
 mod idx;
 pub mod partition;
@@ -177,6 +178,25 @@ impl Dataset {
             labels: self.labels.index_select(0, &idx),
             classes: self.classes.clone(),
         }
+    }
+
+    /// `n` samples evenly spaced over the dataset, so that a limited evaluation still
+    /// covers every class of a split stored class by class.
+    pub fn evenly_spaced(&self, n: usize) -> Dataset {
+        let step = self.len() as f64 / n.max(1) as f64;
+        let picked: Vec<usize> = (0..n.min(self.len())).map(|i| (i as f64 * step) as usize).collect();
+        self.subset(&picked)
+    }
+
+    /// The same images with `channels` colour channels: one-channel images are repeated
+    /// to three, three-channel images are converted to luminance for one.
+    pub fn with_channels(self, channels: i64) -> Result<Dataset, DataError> {
+        let images = match (self.image_shape().0, channels) {
+            (1, 3) => self.images.repeat([1, 3, 1, 1]),
+            (3, 1) => transform::grayscale(&self.images)?,
+            _ => return Ok(self),
+        };
+        Ok(Dataset { images, ..self })
     }
 
     /// Number of samples of each class.

@@ -1,0 +1,574 @@
+//! Wire format of a model update sent from a node to a neighbour.
+//!
+//! ```text
+//! magic "ESUP" | version u16 | flags u8 | encoding u8 | round u64 | base_version u64
+//! federation str | sender str | fingerprint str          (str = u16 length + UTF-8)
+//! tensor count u32
+//! per tensor: name str | ndim u8 | dims u32 x ndim | payload length u32 | payload
+//! ```
+//! All integers little-endian. Payloads by encoding:
+//! - fp32: one f32 per entry; fp16: one IEEE half per entry;
+//! - int8: a f32 scale, then one i8 per entry (value = i8 x scale);
+//! - top-k: k u32, k strictly increasing u32 indices, k f32 values; other entries are zero.
+//!
+//! Decoding checks every length against the frame and the receiver's model before it
+//! allocates, and rejects non-finite values, so a hostile or corrupt frame costs at most
+//! its own size and is never applied. Nothing here is language-specific serialisation.
+
+use std::collections::HashMap;
+
+use half::f16;
+use tch::{Kind, Tensor};
+
+const MAGIC: &[u8; 4] = b"ESUP";
+pub const WIRE_VERSION: u16 = 1;
+const FLAG_KEYFRAME: u8 = 1;
+const MAX_STRING: usize = 256;
+const MAX_DIMS: usize = 8;
+
+/// How tensor values are encoded on the wire.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Encoding {
+    Fp32,
+    Fp16,
+    Int8,
+    /// Keep this fraction of entries with the largest magnitude.
+    TopK(f64),
+}
+
+impl Encoding {
+    fn tag(self) -> u8 {
+        match self {
+            Encoding::Fp32 => 0,
+            Encoding::Fp16 => 1,
+            Encoding::Int8 => 2,
+            Encoding::TopK(_) => 3,
+        }
+    }
+}
+
+/// Everything in an update but its tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Header {
+    pub federation: String,
+    pub sender: String,
+    pub round: u64,
+    /// For a difference: the version of the sender's public estimate it applies to.
+    /// For a keyframe: the version the carried values are.
+    pub base_version: u64,
+    pub keyframe: bool,
+    pub fingerprint: String,
+}
+
+/// A decoded update: dense `f32` tensors by parameter name.
+#[derive(Debug)]
+pub struct Update {
+    pub header: Header,
+    pub tensors: Vec<(String, Tensor)>,
+    /// Parameters the sender has that the receiver lacks or shapes differently.
+    pub skipped: Vec<String>,
+}
+
+/// Why a frame was refused. [`DecodeError::reason`] gives a fixed label for metrics.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("frame truncated at byte {0}")]
+    Truncated(usize),
+    #[error("wrong magic number")]
+    BadMagic,
+    #[error("unsupported wire version {0}")]
+    BadVersion(u16),
+    #[error("unknown encoding {0}")]
+    BadEncoding(u8),
+    #[error("frame of {size} bytes exceeds the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("string field longer than {MAX_STRING} bytes or not UTF-8")]
+    BadString,
+    #[error("update is for federation {0:?}")]
+    WrongFederation(String),
+    #[error("parameter {name} declares shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        found: Vec<i64>,
+        expected: Vec<i64>,
+    },
+    #[error("parameter {0} appears twice")]
+    Duplicate(String),
+    #[error("parameter {name}: payload of {found} bytes, expected {expected}")]
+    PayloadLength {
+        name: String,
+        found: usize,
+        expected: usize,
+    },
+    #[error("parameter {0}: top-k indices out of range or not increasing")]
+    BadIndices(String),
+    #[error("parameter {0} holds NaN or infinite values")]
+    NonFinite(String),
+    #[error("{0} bytes left over after the last tensor")]
+    TrailingBytes(usize),
+}
+
+impl DecodeError {
+    /// A bounded label naming the kind of rejection.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Truncated(_) => "truncated",
+            DecodeError::BadMagic => "magic",
+            DecodeError::BadVersion(_) => "version",
+            DecodeError::BadEncoding(_) | DecodeError::BadString => "malformed",
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::WrongFederation(_) => "federation",
+            DecodeError::ShapeMismatch { .. } | DecodeError::Duplicate(_) => "shape",
+            DecodeError::PayloadLength { .. } | DecodeError::BadIndices(_) => "malformed",
+            DecodeError::NonFinite(_) => "non_finite",
+            DecodeError::TrailingBytes(_) => "malformed",
+        }
+    }
+}
+
+/// What the receiver's model looks like; decoding checks frames against it.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub federation: String,
+    pub fingerprint: String,
+    pub shapes: HashMap<String, Vec<i64>>,
+    /// Largest frame accepted, derived from the model's size.
+    pub max_frame: usize,
+}
+
+impl Layout {
+    pub fn new(federation: &str, fingerprint: &str, params: &[(String, Tensor)]) -> Layout {
+        let shapes: HashMap<String, Vec<i64>> =
+            params.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+        // A peer's model may differ from ours (heterogeneous federations), so the limit
+        // allows a full-precision frame several times our own size plus per-tensor headers,
+        // and no more: anything larger is refused before it is read.
+        let values: usize = params.iter().map(|(_, t)| t.numel()).sum();
+        let max_frame = 4 * (8 * values + 64 * 1024) + 1024 * params.len();
+        Layout {
+            federation: federation.to_string(),
+            fingerprint: fingerprint.to_string(),
+            shapes,
+            max_frame,
+        }
+    }
+}
+
+/// Encodes `tensors` (any float kind, any layout) and returns the frame together with the
+/// values a receiver will decode from it, which the sender needs to track exactly what its
+/// neighbours know.
+pub fn encode(
+    header: &Header,
+    tensors: &[(String, Tensor)],
+    encoding: Encoding,
+) -> (Vec<u8>, Vec<Tensor>) {
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+    out.push(if header.keyframe { FLAG_KEYFRAME } else { 0 });
+    out.push(encoding.tag());
+    out.extend_from_slice(&header.round.to_le_bytes());
+    out.extend_from_slice(&header.base_version.to_le_bytes());
+    for s in [&header.federation, &header.sender, &header.fingerprint] {
+        put_str(&mut out, s);
+    }
+    out.extend_from_slice(&(tensors.len() as u32).to_le_bytes());
+
+    let mut decoded = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let shape = tensor.size();
+        let flat = tensor
+            .detach()
+            .to_device(tch::Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous()
+            .view([-1]);
+        let values: Vec<f32> = Vec::try_from(&flat).unwrap_or_default();
+        let (payload, dense) = encode_values(&values, encoding);
+        put_str(&mut out, name);
+        out.push(shape.len() as u8);
+        for &d in &shape {
+            out.extend_from_slice(&(d as u32).to_le_bytes());
+        }
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&payload);
+        decoded.push(Tensor::from_slice(&dense).view(shape.as_slice()));
+    }
+    (out, decoded)
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(MAX_STRING)];
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Encodes one flat tensor; returns the payload and the dense values it decodes to.
+fn encode_values(values: &[f32], encoding: Encoding) -> (Vec<u8>, Vec<f32>) {
+    match encoding {
+        Encoding::Fp32 => (values.iter().flat_map(|v| v.to_le_bytes()).collect(), values.to_vec()),
+        Encoding::Fp16 => {
+            let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+            let payload = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+            (payload, halves.iter().map(|h| h.to_f32()).collect())
+        }
+        Encoding::Int8 => {
+            let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+            let quantised: Vec<i8> =
+                values.iter().map(|&v| (v / scale).round().clamp(-127.0, 127.0) as i8).collect();
+            let mut payload = scale.to_le_bytes().to_vec();
+            payload.extend(quantised.iter().map(|&q| q as u8));
+            (payload, quantised.iter().map(|&q| q as f32 * scale).collect())
+        }
+        Encoding::TopK(fraction) => {
+            let k = ((values.len() as f64 * fraction).ceil() as usize).clamp(1, values.len());
+            let mut order: Vec<u32> = (0..values.len() as u32).collect();
+            // Partial selection: the k largest magnitudes, then back to index order.
+            order.select_nth_unstable_by(k - 1, |&a, &b| {
+                values[b as usize].abs().total_cmp(&values[a as usize].abs())
+            });
+            let mut kept = order[..k].to_vec();
+            kept.sort_unstable();
+            let mut payload = (k as u32).to_le_bytes().to_vec();
+            payload.extend(kept.iter().flat_map(|i| i.to_le_bytes()));
+            payload.extend(kept.iter().flat_map(|&i| values[i as usize].to_le_bytes()));
+            let mut dense = vec![0f32; values.len()];
+            for &i in &kept {
+                dense[i as usize] = values[i as usize];
+            }
+            (payload, dense)
+        }
+    }
+}
+
+/// A cursor over a frame that never reads past its end.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated(self.pos))?;
+        let slice = self.bytes.get(self.pos..end).ok_or(DecodeError::Truncated(self.pos))?;
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = self.u16()? as usize;
+        if len > MAX_STRING {
+            return Err(DecodeError::BadString);
+        }
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| DecodeError::BadString)
+    }
+}
+
+/// Decodes and validates a frame against the receiver's `layout`. Tensors the receiver's
+/// model lacks, or holds with another shape, are skipped unread when the sender's model is
+/// a different architecture, and are an error when it claims to be the same.
+pub fn decode(bytes: &[u8], layout: &Layout) -> Result<Update, DecodeError> {
+    if bytes.len() > layout.max_frame {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit: layout.max_frame,
+        });
+    }
+    let mut r = Reader { bytes, pos: 0 };
+    if r.take(4)? != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let version = r.u16()?;
+    if version != WIRE_VERSION {
+        return Err(DecodeError::BadVersion(version));
+    }
+    let flags = r.u8()?;
+    let encoding_tag = r.u8()?;
+    if encoding_tag > 3 {
+        return Err(DecodeError::BadEncoding(encoding_tag));
+    }
+    let round = r.u64()?;
+    let base_version = r.u64()?;
+    let header = Header {
+        federation: r.string()?,
+        sender: r.string()?,
+        fingerprint: r.string()?,
+        round,
+        base_version,
+        keyframe: flags & FLAG_KEYFRAME != 0,
+    };
+    if header.federation != layout.federation {
+        return Err(DecodeError::WrongFederation(header.federation));
+    }
+    let same_model = header.fingerprint == layout.fingerprint;
+
+    let count = r.u32()? as usize;
+    let mut tensors = Vec::new();
+    let mut skipped = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..count {
+        let name = r.string()?;
+        let ndim = r.u8()? as usize;
+        if ndim > MAX_DIMS {
+            return Err(DecodeError::BadString);
+        }
+        let mut shape = Vec::with_capacity(ndim);
+        for _ in 0..ndim {
+            shape.push(r.u32()? as i64);
+        }
+        let payload_len = r.u32()? as usize;
+        let payload = r.take(payload_len)?;
+        if !seen.insert(name.clone()) {
+            return Err(DecodeError::Duplicate(name));
+        }
+        match layout.shapes.get(&name) {
+            Some(expected) if *expected == shape => {}
+            Some(expected) if same_model => {
+                return Err(DecodeError::ShapeMismatch {
+                    name,
+                    found: shape,
+                    expected: expected.clone(),
+                })
+            }
+            _ if same_model => {
+                return Err(DecodeError::ShapeMismatch {
+                    name,
+                    found: shape,
+                    expected: Vec::new(),
+                })
+            }
+            _ => {
+                skipped.push(name);
+                continue;
+            }
+        }
+        // The shape matched one of ours, so the entry count is bounded by our model.
+        let numel: usize = shape.iter().map(|&d| d as usize).product();
+        let values = decode_values(&name, payload, numel, encoding_tag)?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(DecodeError::NonFinite(name));
+        }
+        tensors.push((name, Tensor::from_slice(&values).view(shape.as_slice())));
+    }
+    if r.pos != bytes.len() {
+        return Err(DecodeError::TrailingBytes(bytes.len() - r.pos));
+    }
+    Ok(Update {
+        header,
+        tensors,
+        skipped,
+    })
+}
+
+fn decode_values(
+    name: &str,
+    payload: &[u8],
+    numel: usize,
+    encoding_tag: u8,
+) -> Result<Vec<f32>, DecodeError> {
+    let length_error = |expected: usize| DecodeError::PayloadLength {
+        name: name.to_string(),
+        found: payload.len(),
+        expected,
+    };
+    let f32s = |bytes: &[u8]| -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    };
+    match encoding_tag {
+        0 => {
+            if payload.len() != 4 * numel {
+                return Err(length_error(4 * numel));
+            }
+            Ok(f32s(payload))
+        }
+        1 => {
+            if payload.len() != 2 * numel {
+                return Err(length_error(2 * numel));
+            }
+            Ok(payload
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect())
+        }
+        2 => {
+            if payload.len() != 4 + numel {
+                return Err(length_error(4 + numel));
+            }
+            let scale = f32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+            Ok(payload[4..].iter().map(|&q| q as i8 as f32 * scale).collect())
+        }
+        _ => {
+            if payload.len() < 4 {
+                return Err(length_error(4));
+            }
+            let k = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
+            if k > numel || payload.len() != 4 + 8 * k {
+                return Err(length_error(4 + 8 * k.min(numel)));
+            }
+            let indices: Vec<u32> = payload[4..4 + 4 * k]
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            let increasing = indices.windows(2).all(|w| w[0] < w[1]);
+            if !increasing || indices.last().is_some_and(|&i| i as usize >= numel) {
+                return Err(DecodeError::BadIndices(name.to_string()));
+            }
+            let mut dense = vec![0f32; numel];
+            for (&i, v) in indices.iter().zip(f32s(&payload[4 + 4 * k..])) {
+                dense[i as usize] = v;
+            }
+            Ok(dense)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::*;
+
+    fn params() -> Vec<(String, Tensor)> {
+        tch::manual_seed(3);
+        vec![
+            ("conv.weight".into(), Tensor::randn([4, 2, 3, 3], (Kind::Float, Device::Cpu))),
+            ("fc.bias".into(), Tensor::randn([10], (Kind::Float, Device::Cpu))),
+        ]
+    }
+
+    fn header() -> Header {
+        Header {
+            federation: "demo".into(),
+            sender: "a".into(),
+            round: 7,
+            base_version: 6,
+            keyframe: false,
+            fingerprint: "f00d".into(),
+        }
+    }
+
+    fn layout() -> Layout {
+        Layout::new("demo", "f00d", &params())
+    }
+
+    fn max_error(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn every_encoding_round_trips_to_what_the_sender_predicted() {
+        for encoding in [Encoding::Fp32, Encoding::Fp16, Encoding::Int8, Encoding::TopK(0.25)] {
+            let (frame, predicted) = encode(&header(), &params(), encoding);
+            let update = decode(&frame, &layout()).unwrap();
+            assert_eq!(update.header, header());
+            for ((name, got), (want_name, original)) in update.tensors.iter().zip(params()) {
+                assert_eq!(name, &want_name);
+                let p = &predicted[update.tensors.iter().position(|t| &t.0 == name).unwrap()];
+                assert_eq!(max_error(got, p), 0.0, "{encoding:?} {name}");
+                let tolerance = match encoding {
+                    Encoding::Fp32 => 0.0,
+                    Encoding::Fp16 => 0.01,
+                    Encoding::Int8 => 0.05,
+                    Encoding::TopK(_) => f64::INFINITY,
+                };
+                assert!(max_error(got, &original) <= tolerance, "{encoding:?} {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_entries_and_shrinks_the_frame() {
+        let values = Tensor::from_slice(&[0.1f32, -5.0, 0.2, 3.0, 0.0, -0.3, 0.05, 0.01]);
+        let tensors = vec![("fc.bias".to_string(), values)];
+        let small = Layout::new("demo", "f00d", &tensors);
+        let (frame, _) = encode(&header(), &tensors, Encoding::TopK(0.25));
+        let got: Vec<f32> = Vec::try_from(&decode(&frame, &small).unwrap().tensors[0].1).unwrap();
+        assert_eq!(got, vec![0.0, -5.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]);
+
+        let (dense, _) = encode(&header(), &params(), Encoding::Fp32);
+        let (sparse, _) = encode(&header(), &params(), Encoding::TopK(0.05));
+        assert!(sparse.len() * 5 < dense.len());
+    }
+
+    #[test]
+    fn every_truncation_is_rejected_without_panicking() {
+        let (frame, _) = encode(&header(), &params(), Encoding::Int8);
+        for len in 0..frame.len() {
+            assert!(decode(&frame[..len], &layout()).is_err(), "prefix of {len} accepted");
+        }
+    }
+
+    #[test]
+    fn corrupt_frames_are_rejected_with_a_reason() {
+        let (frame, _) = encode(&header(), &params(), Encoding::Fp32);
+        let mut bad = frame.clone();
+        bad[0] = b'X';
+        assert_eq!(decode(&bad, &layout()).unwrap_err().reason(), "magic");
+
+        let mut bad = frame.clone();
+        bad[4] = 9;
+        assert_eq!(decode(&bad, &layout()).unwrap_err().reason(), "version");
+
+        let mut bad = frame.clone();
+        let n = bad.len();
+        bad[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(decode(&bad, &layout()).unwrap_err().reason(), "non_finite");
+
+        let mut bad = frame.clone();
+        bad.push(0);
+        assert_eq!(decode(&bad, &layout()).unwrap_err().reason(), "malformed");
+
+        let mut tight = layout();
+        tight.max_frame = 100;
+        assert_eq!(decode(&frame, &tight).unwrap_err().reason(), "too_large");
+
+        let mut other = layout();
+        other.federation = "elsewhere".into();
+        assert_eq!(decode(&frame, &other).unwrap_err().reason(), "federation");
+    }
+
+    #[test]
+    fn same_model_with_other_shapes_is_an_error_other_model_is_partially_used() {
+        let mut wide = params();
+        wide[1].1 = Tensor::zeros([20], (Kind::Float, Device::Cpu));
+        let (frame, _) = encode(&header(), &wide, Encoding::Fp32);
+        assert_eq!(decode(&frame, &layout()).unwrap_err().reason(), "shape");
+
+        let mut other_model = header();
+        other_model.fingerprint = "beef".into();
+        let (frame, _) = encode(&other_model, &wide, Encoding::Fp32);
+        let update = decode(&frame, &layout()).unwrap();
+        assert_eq!(update.tensors.len(), 1);
+        assert_eq!(update.skipped, vec!["fc.bias".to_string()]);
+    }
+
+    #[test]
+    fn oversized_declared_lengths_are_refused_before_allocation() {
+        let (mut frame, _) = encode(&header(), &params(), Encoding::TopK(0.5));
+        // Find the first tensor's k (just after its payload length) and inflate it.
+        let name_end = frame.windows(11).position(|w| w == b"conv.weight").unwrap() + 11;
+        let k_at = name_end + 1 + 4 * 4 + 4;
+        frame[k_at..k_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode(&frame, &layout()).unwrap_err().reason(), "malformed");
+    }
+}

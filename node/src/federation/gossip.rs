@@ -1,0 +1,422 @@
+//! Compressed gossip with estimates of neighbours' models, after CHOCO-SGD (Koloskova et
+//! al., 2019).
+//!
+//! Every node keeps a public estimate `x̂_i` of its own model, which its neighbours track
+//! too, and an estimate `x̂_j` of each neighbour's. Each round a node sends
+//! `q = Q(x_i - x̂_i)`, the compressed difference between its model and what neighbours
+//! already know, and everyone adds `q` to their copy of `x̂_i`. What compression drops
+//! stays in `x_i - x̂_i` and is sent in later rounds (error feedback). The node then moves
+//! toward its neighbours: `x_i += gamma * sum_j w_ij (x̂_j - x̂_i)`. Without compression
+//! and with `gamma = 1` this is exact Metropolis-Hastings averaging of the models.
+//!
+//! Estimates carry a version (the number of differences applied). A difference applies
+//! only to the version it was computed against; a receiver whose copy is off (it lost a
+//! message, restarted, or never heard from the sender) answers that it needs a keyframe,
+//! and the sender then sends its whole public estimate once, uncompressed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tch::{Kind, Tensor};
+
+use super::codec::{self, Encoding, Header, Update};
+use super::mixing::Weights;
+
+/// What a node knows of one neighbour's model.
+pub struct Estimate {
+    /// By index into the node's own parameter list; `None` where the neighbour's model
+    /// has no parameter of that name and shape.
+    values: Vec<Option<Tensor>>,
+    pub version: u64,
+    /// Whether `values` match the neighbour's public estimate at `version`.
+    pub in_sync: bool,
+    /// Round of the last update applied.
+    pub last_round: Option<u64>,
+}
+
+/// The outcome of an incoming update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    Applied { shared: usize },
+    NeedKeyframe,
+}
+
+pub struct GossipState {
+    federation: String,
+    sender: String,
+    fingerprint: String,
+    names: Vec<String>,
+    /// `x̂_i`: what neighbours know of this node's model.
+    public: Vec<Tensor>,
+    pub public_version: u64,
+    /// The shared initial model, from which same-architecture estimates start.
+    initial: Vec<Tensor>,
+    index: HashMap<String, usize>,
+    pub neighbours: BTreeMap<String, Estimate>,
+}
+
+impl GossipState {
+    /// Starts from `params`, the shared initial model every same-architecture node has.
+    pub fn new(
+        federation: &str,
+        sender: &str,
+        fingerprint: &str,
+        params: &[(String, Tensor)],
+    ) -> GossipState {
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        // A copy: converting an f32 tensor to f32 would otherwise share its storage, and
+        // the estimate would silently move with the model.
+        let public: Vec<Tensor> = params.iter().map(|(_, t)| as_f32(t).copy()).collect();
+        GossipState {
+            federation: federation.to_string(),
+            sender: sender.to_string(),
+            fingerprint: fingerprint.to_string(),
+            index: names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect(),
+            initial: public.iter().map(|t| t.copy()).collect(),
+            names,
+            public,
+            public_version: 0,
+            neighbours: BTreeMap::new(),
+        }
+    }
+
+    /// Compresses `x - x̂`, advances `x̂` by what was sent, and returns the frame.
+    pub fn prepare(&mut self, params: &[Tensor], round: u64, encoding: Encoding) -> Vec<u8> {
+        let diffs: Vec<(String, Tensor)> = self
+            .names
+            .iter()
+            .zip(params.iter().zip(&self.public))
+            .map(|(n, (x, x_hat))| (n.clone(), as_f32(x) - x_hat))
+            .collect();
+        let header = self.header(round, self.public_version, false);
+        let (frame, sent) = codec::encode(&header, &diffs, encoding);
+        tch::no_grad(|| {
+            for (x_hat, q) in self.public.iter_mut().zip(&sent) {
+                let _ = x_hat.g_add_(&q.to_device(x_hat.device()));
+            }
+        });
+        self.public_version += 1;
+        frame
+    }
+
+    /// The whole public estimate, for a neighbour that lost track of it.
+    pub fn keyframe(&self, round: u64) -> Vec<u8> {
+        let values: Vec<(String, Tensor)> = self
+            .names
+            .iter()
+            .cloned()
+            .zip(self.public.iter().map(|t| t.shallow_clone()))
+            .collect();
+        let header = self.header(round, self.public_version, true);
+        codec::encode(&header, &values, Encoding::Fp32).0
+    }
+
+    fn header(&self, round: u64, base_version: u64, keyframe: bool) -> Header {
+        Header {
+            federation: self.federation.clone(),
+            sender: self.sender.clone(),
+            round,
+            base_version,
+            keyframe,
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+
+    /// Applies a decoded update from neighbour `from` to its estimate.
+    pub fn receive(&mut self, from: &str, update: Update) -> Received {
+        let header = &update.header;
+        let known = self.neighbours.contains_key(from);
+        if !known {
+            // Same-architecture neighbours start from the shared initial model at version
+            // 0; anyone else must first send a keyframe.
+            let same = header.fingerprint == self.fingerprint;
+            let values = if same {
+                self.initial.iter().map(|t| Some(t.copy())).collect()
+            } else {
+                (0..self.names.len()).map(|_| None).collect()
+            };
+            self.neighbours.insert(
+                from.to_string(),
+                Estimate {
+                    values,
+                    version: 0,
+                    in_sync: same,
+                    last_round: None,
+                },
+            );
+        }
+        let estimate = self.neighbours.get_mut(from).expect("inserted above");
+
+        if header.keyframe {
+            estimate.values = (0..self.names.len()).map(|_| None).collect();
+            for (name, tensor) in &update.tensors {
+                if let Some(&i) = self.index.get(name) {
+                    estimate.values[i] = Some(tensor.to_device(self.public[i].device()));
+                }
+            }
+            estimate.version = header.base_version;
+            estimate.in_sync = true;
+        } else if estimate.in_sync && estimate.version == header.base_version {
+            tch::no_grad(|| {
+                for (name, q) in &update.tensors {
+                    let Some(&i) = self.index.get(name) else { continue };
+                    if let Some(value) = estimate.values[i].as_mut() {
+                        let _ = value.g_add_(&q.to_device(value.device()));
+                    }
+                }
+            });
+            estimate.version += 1;
+        } else {
+            estimate.in_sync = false;
+            return Received::NeedKeyframe;
+        }
+        estimate.last_round = Some(estimate.last_round.map_or(header.round, |r| r.max(header.round)));
+        Received::Applied {
+            shared: estimate.values.iter().filter(|v| v.is_some()).count(),
+        }
+    }
+
+    /// Moves `params` toward the neighbours' estimates: `x += gamma sum_j w_j (x̂_j - x̂)`.
+    /// Neighbours not in sync, or last heard from before `oldest_round`, are left out,
+    /// and their weight stays with the node. Returns the neighbours used.
+    pub fn mix(
+        &self,
+        params: &mut [Tensor],
+        weights: &Weights,
+        gamma: f64,
+        oldest_round: u64,
+    ) -> Vec<String> {
+        let used: Vec<(&String, &Estimate, f64)> = weights
+            .neighbours
+            .iter()
+            .filter_map(|(name, &w)| {
+                let e = self.neighbours.get(name)?;
+                let fresh = e.last_round.is_some_and(|r| r >= oldest_round);
+                (e.in_sync && fresh).then_some((name, e, w))
+            })
+            .collect();
+        tch::no_grad(|| {
+            for (i, x) in params.iter_mut().enumerate() {
+                let mut correction: Option<Tensor> = None;
+                for (_, estimate, w) in &used {
+                    let Some(value) = &estimate.values[i] else { continue };
+                    let term = (value - &self.public[i]) * (gamma * w);
+                    correction = Some(match correction {
+                        Some(c) => c + term,
+                        None => term,
+                    });
+                }
+                if let Some(c) = correction {
+                    let _ = x.g_add_(&c.to_kind(x.kind()));
+                }
+            }
+        });
+        used.into_iter().map(|(n, _, _)| n.clone()).collect()
+    }
+
+    /// Root-mean-square L2 distance between `params` and the in-sync neighbour estimates,
+    /// over the parameters each shares.
+    pub fn consensus_distance(&self, params: &[Tensor]) -> Option<f64> {
+        let distances: Vec<f64> = self
+            .neighbours
+            .values()
+            .filter(|e| e.in_sync)
+            .filter_map(|e| {
+                let mut sum = 0.0;
+                let mut shared = false;
+                for (x, v) in params.iter().zip(&e.values) {
+                    if let Some(v) = v {
+                        shared = true;
+                        sum += (as_f32(x) - v).square().sum(Kind::Double).double_value(&[]);
+                    }
+                }
+                shared.then_some(sum)
+            })
+            .collect();
+        (!distances.is_empty())
+            .then(|| (distances.iter().sum::<f64>() / distances.len() as f64).sqrt())
+    }
+
+    /// Names of this node's parameters, in the order every tensor list here uses.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// State for a checkpoint: the public estimate and every neighbour estimate, with
+    /// versions in the returned metadata.
+    pub fn state(&self) -> (Vec<(String, Tensor)>, BTreeMap<String, String>) {
+        let mut tensors = Vec::new();
+        let mut meta = BTreeMap::new();
+        for (n, t) in self.names.iter().zip(&self.public) {
+            tensors.push((format!("gossip.public.{n}"), t.shallow_clone()));
+        }
+        meta.insert("gossip.public.version".into(), self.public_version.to_string());
+        for (peer, e) in &self.neighbours {
+            if !e.in_sync {
+                continue;
+            }
+            for (n, v) in self.names.iter().zip(&e.values) {
+                if let Some(v) = v {
+                    tensors.push((format!("gossip.peer.{peer}.{n}"), v.shallow_clone()));
+                }
+            }
+            meta.insert(format!("gossip.peer.{peer}.version"), e.version.to_string());
+            let round = e.last_round.map_or(String::new(), |r| r.to_string());
+            meta.insert(format!("gossip.peer.{peer}.round"), round);
+        }
+        (tensors, meta)
+    }
+
+    /// Restores what [`GossipState::state`] saved. Peers missing from the checkpoint start
+    /// out of sync and will receive a keyframe.
+    pub fn restore(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        meta: &BTreeMap<String, String>,
+    ) {
+        let device = self.public.first().map(|t| t.device());
+        for (i, n) in self.names.iter().enumerate() {
+            if let Some(t) = tensors.get(&format!("gossip.public.{n}")) {
+                self.public[i] = t.to_device(device.unwrap_or(tch::Device::Cpu));
+            }
+        }
+        self.public_version = meta
+            .get("gossip.public.version")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        for (key, version) in meta {
+            let Some(peer) = key
+                .strip_prefix("gossip.peer.")
+                .and_then(|k| k.strip_suffix(".version"))
+            else {
+                continue;
+            };
+            let values = self
+                .names
+                .iter()
+                .map(|n| tensors.get(&format!("gossip.peer.{peer}.{n}")).map(|t| t.copy()))
+                .collect();
+            let last_round = meta
+                .get(&format!("gossip.peer.{peer}.round"))
+                .and_then(|r| r.parse().ok());
+            self.neighbours.insert(
+                peer.to_string(),
+                Estimate {
+                    values,
+                    version: version.parse().unwrap_or(0),
+                    in_sync: true,
+                    last_round,
+                },
+            );
+        }
+    }
+}
+
+fn as_f32(t: &Tensor) -> Tensor {
+    t.detach().to_kind(Kind::Float).contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::*;
+    use crate::federation::codec::{decode, Layout};
+    use crate::federation::mixing::metropolis_hastings;
+
+    fn model(value: f32) -> Vec<(String, Tensor)> {
+        vec![("w".into(), Tensor::full([4], value as f64, (Kind::Float, Device::Cpu)))]
+    }
+
+    fn node(name: &str) -> GossipState {
+        GossipState::new("demo", name, "fp", &model(0.0))
+    }
+
+    fn layout() -> Layout {
+        Layout::new("demo", "fp", &model(0.0))
+    }
+
+    /// Runs rounds of gossip among fully connected nodes whose models are `values`.
+    fn gossip_rounds(values: &[f32], encoding: Encoding, gamma: f64, rounds: u64) -> Vec<f64> {
+        let names: Vec<String> = (0..values.len()).map(|i| format!("n{i}")).collect();
+        let mut states: Vec<GossipState> = names.iter().map(|n| node(n)).collect();
+        let mut params: Vec<Vec<Tensor>> =
+            values.iter().map(|&v| vec![model(v)[0].1.shallow_clone()]).collect();
+        for round in 1..=rounds {
+            let frames: Vec<Vec<u8>> = states
+                .iter_mut()
+                .zip(&params)
+                .map(|(s, p)| s.prepare(p, round, encoding))
+                .collect();
+            for (i, state) in states.iter_mut().enumerate() {
+                for (j, frame) in frames.iter().enumerate() {
+                    if i != j {
+                        let update = decode(frame, &layout()).unwrap();
+                        assert!(matches!(state.receive(&names[j], update), Received::Applied { .. }));
+                    }
+                }
+            }
+            for (i, state) in states.iter().enumerate() {
+                let degrees = names
+                    .iter()
+                    .filter(|n| **n != names[i])
+                    .map(|n| (n.clone(), Some(values.len() - 1)))
+                    .collect();
+                let w = metropolis_hastings(values.len() - 1, &degrees);
+                state.mix(&mut params[i], &w, gamma, round);
+            }
+        }
+        params.iter().map(|p| p[0].double_value(&[0])).collect()
+    }
+
+    #[test]
+    fn uncompressed_gossip_averages_a_full_mesh_in_one_round() {
+        let out = gossip_rounds(&[0.0, 3.0, 9.0], Encoding::Fp32, 1.0, 1);
+        for v in out {
+            assert!((v - 4.0).abs() < 1e-5, "{v}");
+        }
+    }
+
+    #[test]
+    fn compressed_gossip_converges_to_the_average() {
+        let out = gossip_rounds(&[0.0, 3.0, 9.0, 4.0], Encoding::TopK(0.25), 0.5, 60);
+        for v in &out {
+            assert!((v - 4.0).abs() < 0.05, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn a_lost_update_is_detected_and_healed_by_a_keyframe() {
+        let mut a = node("a");
+        let mut b = node("b");
+        let params = vec![model(1.0)[0].1.shallow_clone()];
+        let first = a.prepare(&params, 1, Encoding::Fp32);
+        assert!(matches!(b.receive("a", decode(&first, &layout()).unwrap()), Received::Applied { .. }));
+        let params = vec![model(2.0)[0].1.shallow_clone()];
+        let _lost = a.prepare(&params, 2, Encoding::Fp32);
+        let params = vec![model(5.0)[0].1.shallow_clone()];
+        let third = a.prepare(&params, 3, Encoding::Fp32);
+        assert_eq!(b.receive("a", decode(&third, &layout()).unwrap()), Received::NeedKeyframe);
+
+        let key = a.keyframe(3);
+        assert!(matches!(b.receive("a", decode(&key, &layout()).unwrap()), Received::Applied { .. }));
+        let estimate = b.neighbours["a"].values[0].as_ref().unwrap().double_value(&[0]);
+        assert!((estimate - 5.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn state_survives_a_checkpoint_round_trip() {
+        let mut a = node("a");
+        let mut b = node("b");
+        let frame = a.prepare(&[model(2.0)[0].1.shallow_clone()], 1, Encoding::Fp32);
+        b.receive("a", decode(&frame, &layout()).unwrap());
+        let (tensors, meta) = b.state();
+        let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
+
+        let mut restored = node("b");
+        restored.restore(&tensors, &meta);
+        assert_eq!(restored.neighbours["a"].version, 1);
+        let frame = a.prepare(&[model(3.0)[0].1.shallow_clone()], 2, Encoding::Fp32);
+        let got = restored.receive("a", decode(&frame, &layout()).unwrap());
+        assert!(matches!(got, Received::Applied { shared: 1 }));
+    }
+}
