@@ -195,6 +195,8 @@ pub enum Topology {
         #[schemars(range(min = 1))]
         degree: u32,
     },
+    /// No links: every node trains alone; the baseline that shows what federating adds.
+    Isolated,
     /// Named pairs of `DflNode`s; links are undirected.
     #[serde(rename_all = "camelCase")]
     Explicit { edges: Vec<[String; 2]> },
@@ -385,8 +387,10 @@ impl Topology {
         let mut sorted: Vec<String> = names.to_vec();
         sorted.sort();
         let n = sorted.len();
-        let mut links: BTreeMap<String, std::collections::BTreeSet<String>> =
-            sorted.iter().map(|s| (s.clone(), Default::default())).collect();
+        let mut links: BTreeMap<String, std::collections::BTreeSet<String>> = sorted
+            .iter()
+            .map(|s| (s.clone(), Default::default()))
+            .collect();
         let mut link = |a: &str, b: &str| {
             links.get_mut(a).map(|s| s.insert(b.to_string()));
             links.get_mut(b).map(|s| s.insert(a.to_string()));
@@ -425,6 +429,7 @@ impl Topology {
                     }
                 }
             }
+            Topology::Isolated => {}
             Topology::Explicit { edges } => {
                 if edges.is_empty() {
                     return Err(TopologyError::Empty);

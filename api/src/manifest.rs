@@ -34,9 +34,11 @@ pub enum ManifestError {
         path: String,
         message: String,
     },
-    #[error("document {index}: apiVersion {api_version:?} kind {kind:?} is not an EdgeSync \
+    #[error(
+        "document {index}: apiVersion {api_version:?} kind {kind:?} is not an EdgeSync \
              resource (expected apiVersion edgesync.dev/v1alpha1, kind FederationRound or \
-             DflNode)")]
+             DflNode)"
+    )]
     UnknownKind {
         index: usize,
         api_version: String,
@@ -102,9 +104,11 @@ impl Manifest {
 
         let mut seen = BTreeSet::new();
         for node in &nodes {
-            let name = node.meta().name.clone().ok_or_else(|| {
-                ManifestError::MissingName("DflNode".into())
-            })?;
+            let name = node
+                .meta()
+                .name
+                .clone()
+                .ok_or_else(|| ManifestError::MissingName("DflNode".into()))?;
             if !seen.insert(name.clone()) {
                 return Err(ManifestError::DuplicateNode(name));
             }
@@ -205,7 +209,10 @@ spec:
         let text = FEDERATION.replace("kind: ring", "kind: star");
         let err = Manifest::parse(&format!("{text}{}", node("a", "demo"))).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("spec.topology") && msg.contains("star"), "{msg}");
+        assert!(
+            msg.contains("spec.topology") && msg.contains("star"),
+            "{msg}"
+        );
 
         let text = FEDERATION.replace("rounds: 3", "rounds: three");
         let msg = Manifest::parse(&text).unwrap_err().to_string();
@@ -223,16 +230,16 @@ spec:
         assert!(msg.contains("selects no DflNode"), "{msg}");
 
         let text = format!("{FEDERATION}{}{}", node("a", "demo"), node("a", "demo"));
-        assert!(matches!(Manifest::parse(&text), Err(ManifestError::DuplicateNode(_))));
+        assert!(matches!(
+            Manifest::parse(&text),
+            Err(ManifestError::DuplicateNode(_))
+        ));
 
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n";
         let msg = Manifest::parse(text).unwrap_err().to_string();
         assert!(msg.contains("kind \"Pod\""), "{msg}");
 
-        let text = FEDERATION.replace(
-            "{kind: ring}",
-            "{kind: explicit, edges: [[a, ghost]]}",
-        );
+        let text = FEDERATION.replace("{kind: ring}", "{kind: explicit, edges: [[a, ghost]]}");
         let msg = Manifest::parse(&format!("{text}{}", node("a", "demo")))
             .unwrap_err()
             .to_string();
@@ -243,7 +250,11 @@ spec:
     fn topologies_have_the_expected_degrees() {
         let names: Vec<String> = (0..6).map(|i| format!("n{i}")).collect();
         let degree = |t: &crate::Topology| -> Vec<usize> {
-            t.neighbours(&names).unwrap().values().map(|s| s.len()).collect()
+            t.neighbours(&names)
+                .unwrap()
+                .values()
+                .map(|s| s.len())
+                .collect()
         };
         assert!(degree(&crate::Topology::FullMesh).iter().all(|&d| d == 5));
         assert!(degree(&crate::Topology::Ring).iter().all(|&d| d == 2));

@@ -122,12 +122,11 @@ pub fn save(
             reason: e.to_string(),
         })?;
     let info: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let encoded = safetensors::serialize(views, Some(info)).map_err(|e| {
-        CheckpointError::Format {
+    let encoded =
+        safetensors::serialize(views, Some(info)).map_err(|e| CheckpointError::Format {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
 
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -192,8 +191,12 @@ mod tests {
         let w = Tensor::randn([3, 2], (Kind::Float, Device::Cpu));
         let steps = Tensor::from_slice(&[7i64]);
         let meta = BTreeMap::from([("round".to_string(), "12".to_string())]);
-        save(&path, &[("fc.weight".into(), w.shallow_clone()), ("n".into(), steps)], &meta)
-            .unwrap();
+        save(
+            &path,
+            &[("fc.weight".into(), w.shallow_clone()), ("n".into(), steps)],
+            &meta,
+        )
+        .unwrap();
 
         let ck = load(&path).unwrap();
         assert!(ck.tensors["fc.weight"].allclose(&w, 0.0, 0.0, false));
@@ -222,6 +225,9 @@ mod tests {
         let path = dir.path().join("bad.safetensors");
         std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
         let err = load(&path).unwrap_err().to_string();
-        assert!(err.contains("bad.safetensors") && err.contains("not valid"), "{err}");
+        assert!(
+            err.contains("bad.safetensors") && err.contains("not valid"),
+            "{err}"
+        );
     }
 }

@@ -10,10 +10,20 @@ use crate::data::{DatasetKind, DatasetSpec};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "dfl-node", version, about = "EdgeSync decentralized federated learning node")]
+#[command(
+    name = "dfl-node",
+    version,
+    about = "EdgeSync decentralized federated learning node"
+)]
 pub struct Cli {
     /// Log line format on stderr.
-    #[arg(long, env = "EDGESYNC_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "EDGESYNC_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
 
     #[command(subcommand)]

@@ -16,7 +16,10 @@ pub fn select(threads: Option<usize>) -> Device {
             cudnn = tch::Cuda::cudnn_is_available(),
             "training on CUDA"
         ),
-        _ => tracing::info!(threads = tch::get_num_threads(), "no CUDA device: training on CPU"),
+        _ => tracing::info!(
+            threads = tch::get_num_threads(),
+            "no CUDA device: training on CPU"
+        ),
     }
     device
 }

@@ -35,8 +35,14 @@ pub fn evaluate(
     let mut start = 0;
     while start < n {
         let len = EVAL_BATCH.min(n - start);
-        let images = data.images.narrow(0, start as i64, len as i64).to_device(device);
-        let labels = data.labels.narrow(0, start as i64, len as i64).to_device(device);
+        let images = data
+            .images
+            .narrow(0, start as i64, len as i64)
+            .to_device(device);
+        let labels = data
+            .labels
+            .narrow(0, start as i64, len as i64)
+            .to_device(device);
         let mut inputs = normalize.apply(&images);
         if channels_last {
             inputs = to_channels_last(&inputs);
@@ -58,7 +64,11 @@ pub fn evaluate(
     let correct: u64 = (0..classes as usize).map(|c| confusion[c][c]).sum();
     EvalReport {
         samples: n,
-        accuracy: if n == 0 { 0.0 } else { correct as f64 / n as f64 },
+        accuracy: if n == 0 {
+            0.0
+        } else {
+            correct as f64 / n as f64
+        },
         loss: if n == 0 { 0.0 } else { loss_sum / n as f64 },
         confusion,
     }

@@ -199,7 +199,10 @@ mod tests {
         let (vs, _) = build(Architecture::JetsonCnn, 3);
         let names: std::collections::BTreeSet<String> = vs.variables().into_keys().collect();
         for expected in ["conv1.weight", "bn3.running_var", "fc1.weight", "fc2.bias"] {
-            assert!(names.contains(expected), "{expected} missing from {names:?}");
+            assert!(
+                names.contains(expected),
+                "{expected} missing from {names:?}"
+            );
         }
         assert_eq!(vs.variables()["fc1.weight"].size(), vec![256, 128 * 4]);
     }
@@ -226,9 +229,18 @@ mod tests {
 
     #[test]
     fn fingerprints_differ_between_architectures_and_inputs() {
-        let jetson = fingerprint(Architecture::JetsonCnn, &build(Architecture::JetsonCnn, 3).0);
-        let again = fingerprint(Architecture::JetsonCnn, &build(Architecture::JetsonCnn, 3).0);
-        let gray = fingerprint(Architecture::JetsonCnn, &build(Architecture::JetsonCnn, 1).0);
+        let jetson = fingerprint(
+            Architecture::JetsonCnn,
+            &build(Architecture::JetsonCnn, 3).0,
+        );
+        let again = fingerprint(
+            Architecture::JetsonCnn,
+            &build(Architecture::JetsonCnn, 3).0,
+        );
+        let gray = fingerprint(
+            Architecture::JetsonCnn,
+            &build(Architecture::JetsonCnn, 1).0,
+        );
         let akida = fingerprint(Architecture::AkidaCnn, &build(Architecture::AkidaCnn, 1).0);
         assert_eq!(jetson, again);
         assert_ne!(jetson, gray);

@@ -185,9 +185,15 @@ impl Optimizer {
                 OptimizerKind::Adam => "exp_avg",
                 OptimizerKind::Sgd => "momentum_buffer",
             };
-            out.push((format!("optimizer.{}.{first}", slot.name), slot.first.contiguous()));
+            out.push((
+                format!("optimizer.{}.{first}", slot.name),
+                slot.first.contiguous(),
+            ));
             if let Some(second) = &slot.second {
-                out.push((format!("optimizer.{}.exp_avg_sq", slot.name), second.contiguous()));
+                out.push((
+                    format!("optimizer.{}.exp_avg_sq", slot.name),
+                    second.contiguous(),
+                ));
             }
         }
         out
@@ -205,9 +211,17 @@ impl Optimizer {
                 OptimizerKind::Adam => "exp_avg",
                 OptimizerKind::Sgd => "momentum_buffer",
             };
-            copy_named(tensors, &format!("optimizer.{}.{first}", slot.name), &mut slot.first)?;
+            copy_named(
+                tensors,
+                &format!("optimizer.{}.{first}", slot.name),
+                &mut slot.first,
+            )?;
             if let Some(second) = &mut slot.second {
-                copy_named(tensors, &format!("optimizer.{}.exp_avg_sq", slot.name), second)?;
+                copy_named(
+                    tensors,
+                    &format!("optimizer.{}.exp_avg_sq", slot.name),
+                    second,
+                )?;
             }
         }
         self.step = step;
@@ -264,10 +278,15 @@ mod tests {
     fn fit(kind: OptimizerKind, lr: f64) -> f64 {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let layer = nn::linear(vs.root() / "fc", 1, 1, nn::LinearConfig {
-            bias: false,
-            ..Default::default()
-        });
+        let layer = nn::linear(
+            vs.root() / "fc",
+            1,
+            1,
+            nn::LinearConfig {
+                bias: false,
+                ..Default::default()
+            },
+        );
         let mut opt = Optimizer::new(&vs, config(kind));
         let xs = Tensor::linspace(-1.0, 1.0, 32, (Kind::Float, Device::Cpu)).view([32, 1]);
         let ys = &xs * 3.0;

@@ -161,7 +161,13 @@ impl Trainer {
     }
 
     pub fn evaluate(&self, data: &Dataset) -> EvalReport {
-        eval::evaluate(&self.model, data, self.normalize, self.device, self.channels_last)
+        eval::evaluate(
+            &self.model,
+            data,
+            self.normalize,
+            self.device,
+            self.channels_last,
+        )
     }
 
     /// Model parameters and buffers, by PyTorch-style name, in standard (NCHW) layout.
@@ -192,7 +198,10 @@ impl Trainer {
         tensors.extend(self.optimizer.state());
         tensors.extend(extra);
         metadata.insert("step".into(), self.optimizer.steps().to_string());
-        metadata.insert("architecture".into(), self.spec.architecture.as_str().into());
+        metadata.insert(
+            "architecture".into(),
+            self.spec.architecture.as_str().into(),
+        );
         metadata.insert("fingerprint".into(), self.fingerprint());
         checkpoint::save(path, &tensors, &metadata)?;
         Ok(())
@@ -212,10 +221,13 @@ impl Trainer {
         }
         tch::no_grad(|| -> Result<(), TrainError> {
             for (name, mut var) in self.vs.variables() {
-                let src = ck.tensors.get(&name).ok_or_else(|| TrainError::MissingParameter {
-                    path: path.display().to_string(),
-                    name: name.clone(),
-                })?;
+                let src = ck
+                    .tensors
+                    .get(&name)
+                    .ok_or_else(|| TrainError::MissingParameter {
+                        path: path.display().to_string(),
+                        name: name.clone(),
+                    })?;
                 var.copy_(&src.to_kind(Kind::Float).to_device(self.device));
             }
             Ok(())

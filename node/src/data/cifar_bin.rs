@@ -81,7 +81,10 @@ mod tests {
         std::fs::write(dir.path().join("test_batch.bin"), &bytes).unwrap();
 
         let err = load(dir.path(), Split::Test).unwrap_err().to_string();
-        assert!(err.contains("test_batch.bin") && err.contains("truncated"), "{err}");
+        assert!(
+            err.contains("test_batch.bin") && err.contains("truncated"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -92,7 +95,10 @@ mod tests {
         std::fs::write(dir.path().join("test_batch.bin"), &bytes).unwrap();
 
         let err = load(dir.path(), Split::Test).unwrap_err().to_string();
-        assert!(err.contains("label 12") && err.contains("record 1"), "{err}");
+        assert!(
+            err.contains("label 12") && err.contains("record 1"),
+            "{err}"
+        );
     }
 
     #[test]

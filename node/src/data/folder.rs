@@ -40,7 +40,11 @@ pub(super) fn load(root: &Path, split: Split, resize: Option<u32>) -> Result<Dat
 
     let (first, _) = &decoded[0];
     let (width, height) = first.dimensions();
-    let channels = if decoded.iter().all(|(_, c)| *c == 1) { 1 } else { 3 };
+    let channels = if decoded.iter().all(|(_, c)| *c == 1) {
+        1
+    } else {
+        3
+    };
     let mut pixels = Vec::with_capacity(decoded.len() * channels * (width * height) as usize);
     for ((img, _), (path, _)) in decoded.iter().zip(&files) {
         if img.dimensions() != (width, height) {
@@ -55,7 +59,12 @@ pub(super) fn load(root: &Path, split: Split, resize: Option<u32>) -> Result<Dat
     }
 
     let labels = files.iter().map(|(_, l)| *l).collect();
-    let shape = [decoded.len() as i64, channels as i64, height as i64, width as i64];
+    let shape = [
+        decoded.len() as i64,
+        channels as i64,
+        height as i64,
+        width as i64,
+    ];
     from_raw(&split_dir, pixels, shape, labels, classes)
 }
 
@@ -135,12 +144,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_png(&dir.path().join("train/ant/a.png"), 8, 10);
         std::fs::create_dir_all(dir.path().join("train/bee")).unwrap();
-        let err = load(dir.path(), Split::Train, None).unwrap_err().to_string();
+        let err = load(dir.path(), Split::Train, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bee") && err.contains("no images"), "{err}");
 
         std::fs::write(dir.path().join("train/bee/broken.jpg"), b"not a jpeg").unwrap();
-        let err = load(dir.path(), Split::Train, None).unwrap_err().to_string();
-        assert!(err.contains("broken.jpg") && err.contains("unreadable"), "{err}");
+        let err = load(dir.path(), Split::Train, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("broken.jpg") && err.contains("unreadable"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -148,7 +164,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_png(&dir.path().join("train/a/1.png"), 8, 10);
         write_png(&dir.path().join("train/a/2.png"), 12, 10);
-        let err = load(dir.path(), Split::Train, None).unwrap_err().to_string();
+        let err = load(dir.path(), Split::Train, None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("12x12"), "{err}");
 
         let data = load(dir.path(), Split::Train, Some(6)).unwrap();

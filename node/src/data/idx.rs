@@ -40,8 +40,10 @@ pub(super) fn load(dir: &Path, split: Split, classes: Vec<String>) -> Result<Dat
     if pixels.len() < expected {
         return Err(DataError::Truncated {
             path: images_path,
-            detail: format!("{count} images of {rows}x{cols} need {expected} bytes, found {}",
-                pixels.len()),
+            detail: format!(
+                "{count} images of {rows}x{cols} need {expected} bytes, found {}",
+                pixels.len()
+            ),
         });
     }
 
@@ -50,20 +52,31 @@ pub(super) fn load(dir: &Path, split: Split, classes: Vec<String>) -> Result<Dat
     if label_bytes.len() < label_count {
         return Err(DataError::Truncated {
             path: labels_path,
-            detail: format!("{label_count} labels declared, {} present", label_bytes.len()),
+            detail: format!(
+                "{label_count} labels declared, {} present",
+                label_bytes.len()
+            ),
         });
     }
     if label_count != count {
         return Err(DataError::Inconsistent {
             path: labels_path,
-            detail: format!("{label_count} labels for {count} images in {}",
-                images_path.display()),
+            detail: format!(
+                "{label_count} labels for {count} images in {}",
+                images_path.display()
+            ),
         });
     }
 
     let labels: Vec<i64> = label_bytes[..count].iter().map(|&b| b as i64).collect();
     let shape = [count as i64, 1, rows as i64, cols as i64];
-    from_raw(&labels_path, pixels[..expected].to_vec(), shape, labels, classes)
+    from_raw(
+        &labels_path,
+        pixels[..expected].to_vec(),
+        shape,
+        labels,
+        classes,
+    )
 }
 
 fn read_maybe_gzip(path: &Path) -> Result<Vec<u8>, DataError> {
@@ -92,8 +105,11 @@ fn parse_header(
     if bytes.len() < 4 * fields {
         return Err(DataError::Truncated {
             path: path.to_path_buf(),
-            detail: format!("{} bytes is shorter than the {}-byte header", bytes.len(),
-                4 * fields),
+            detail: format!(
+                "{} bytes is shorter than the {}-byte header",
+                bytes.len(),
+                4 * fields
+            ),
         });
     }
     let words: Vec<u32> = bytes[..4 * fields]
@@ -147,7 +163,11 @@ mod tests {
     #[test]
     fn reads_plain_and_gzip_files() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), idx_images(2, 5, 9)).unwrap();
+        std::fs::write(
+            dir.path().join("t10k-images-idx3-ubyte"),
+            idx_images(2, 5, 9),
+        )
+        .unwrap();
         std::fs::write(
             dir.path().join("t10k-labels-idx1-ubyte.gz"),
             gzip(&idx_labels(&[4, 7])),
@@ -165,8 +185,13 @@ mod tests {
         std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), idx_labels(&[1])).unwrap();
         std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), idx_labels(&[1])).unwrap();
 
-        let err = load(dir.path(), Split::Test, digits()).unwrap_err().to_string();
-        assert!(err.contains("t10k-images-idx3-ubyte") && err.contains("magic"), "{err}");
+        let err = load(dir.path(), Split::Test, digits())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t10k-images-idx3-ubyte") && err.contains("magic"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -175,24 +200,48 @@ mod tests {
         let mut images = idx_images(3, 4, 0);
         images.truncate(images.len() - 1);
         std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), images).unwrap();
-        std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), idx_labels(&[1, 2, 3]))
-            .unwrap();
-        let err = load(dir.path(), Split::Test, digits()).unwrap_err().to_string();
+        std::fs::write(
+            dir.path().join("t10k-labels-idx1-ubyte"),
+            idx_labels(&[1, 2, 3]),
+        )
+        .unwrap();
+        let err = load(dir.path(), Split::Test, digits())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("truncated"), "{err}");
 
-        std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), idx_images(3, 4, 0)).unwrap();
-        std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), idx_labels(&[1, 2])).unwrap();
-        let err = load(dir.path(), Split::Test, digits()).unwrap_err().to_string();
+        std::fs::write(
+            dir.path().join("t10k-images-idx3-ubyte"),
+            idx_images(3, 4, 0),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("t10k-labels-idx1-ubyte"),
+            idx_labels(&[1, 2]),
+        )
+        .unwrap();
+        let err = load(dir.path(), Split::Test, digits())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("2 labels for 3 images"), "{err}");
     }
 
     #[test]
     fn label_out_of_range_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), idx_images(2, 4, 0)).unwrap();
-        std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), idx_labels(&[1, 10]))
-            .unwrap();
-        let err = load(dir.path(), Split::Test, digits()).unwrap_err().to_string();
+        std::fs::write(
+            dir.path().join("t10k-images-idx3-ubyte"),
+            idx_images(2, 4, 0),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("t10k-labels-idx1-ubyte"),
+            idx_labels(&[1, 10]),
+        )
+        .unwrap();
+        let err = load(dir.path(), Split::Test, digits())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("label 10"), "{err}");
     }
 
@@ -202,8 +251,14 @@ mod tests {
         let mut gz = gzip(&idx_images(2, 4, 0));
         gz.truncate(gz.len() / 2);
         std::fs::write(dir.path().join("t10k-images-idx3-ubyte.gz"), gz).unwrap();
-        std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), idx_labels(&[1, 2])).unwrap();
-        let err = load(dir.path(), Split::Test, digits()).unwrap_err().to_string();
+        std::fs::write(
+            dir.path().join("t10k-labels-idx1-ubyte"),
+            idx_labels(&[1, 2]),
+        )
+        .unwrap();
+        let err = load(dir.path(), Split::Test, digits())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("gzip"), "{err}");
     }
 }

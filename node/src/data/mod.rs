@@ -38,8 +38,7 @@ pub const CIFAR10_CLASSES: [&str; 10] = [
 
 /// Names of Fashion-MNIST's classes in label order.
 pub const FASHION_MNIST_CLASSES: [&str; 10] = [
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-    "boot",
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot",
 ];
 
 /// What went wrong reading a dataset; every variant names the file or folder at fault.
@@ -80,8 +79,10 @@ pub enum DataError {
     },
     #[error("{path}: {detail}")]
     Inconsistent { path: PathBuf, detail: String },
-    #[error("cannot tell the dataset format of {path}: expected CIFAR-10 .bin files, \
-             MNIST-style IDX files or <split>/<class>/ image folders")]
+    #[error(
+        "cannot tell the dataset format of {path}: expected CIFAR-10 .bin files, \
+             MNIST-style IDX files or <split>/<class>/ image folders"
+    )]
     UnknownLayout { path: PathBuf },
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] tch::TchError),
@@ -184,7 +185,9 @@ impl Dataset {
     /// covers every class of a split stored class by class.
     pub fn evenly_spaced(&self, n: usize) -> Dataset {
         let step = self.len() as f64 / n.max(1) as f64;
-        let picked: Vec<usize> = (0..n.min(self.len())).map(|i| (i as f64 * step) as usize).collect();
+        let picked: Vec<usize> = (0..n.min(self.len()))
+            .map(|i| (i as f64 * step) as usize)
+            .collect();
         self.subset(&picked)
     }
 

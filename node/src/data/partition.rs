@@ -36,8 +36,10 @@ pub enum PartitionError {
         nodes: usize,
         min: usize,
     },
-    #[error("no dirichlet draw in {attempts} gave every node at least {min} samples; \
-             lower minPerNode or raise alpha")]
+    #[error(
+        "no dirichlet draw in {attempts} gave every node at least {min} samples; \
+             lower minPerNode or raise alpha"
+    )]
     MinimumNotReached { attempts: usize, min: usize },
 }
 
@@ -214,7 +216,13 @@ mod tests {
             alpha: -1.0,
             min_per_node: 0,
         };
-        assert_eq!(split(&labels(10), 2, bad, 1), Err(PartitionError::BadAlpha(-1.0)));
-        assert_eq!(split(&labels(10), 0, Partition::Iid, 1), Err(PartitionError::NoNodes));
+        assert_eq!(
+            split(&labels(10), 2, bad, 1),
+            Err(PartitionError::BadAlpha(-1.0))
+        );
+        assert_eq!(
+            split(&labels(10), 0, Partition::Iid, 1),
+            Err(PartitionError::NoNodes)
+        );
     }
 }

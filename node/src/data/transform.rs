@@ -16,19 +16,18 @@ pub(super) fn grayscale(images: &Tensor) -> Result<Tensor, DataError> {
     if images.size()[1] == 1 {
         return Ok(images.shallow_clone());
     }
-    let weights = Tensor::from_slice(&LUMA).to_kind(Kind::Float).view([1, 3, 1, 1]);
+    let weights = Tensor::from_slice(&LUMA)
+        .to_kind(Kind::Float)
+        .view([1, 3, 1, 1]);
     let gray = (images.to_kind(Kind::Float) * weights).f_sum_dim_intlist(1, true, Kind::Float)?;
     Ok(gray.round().clamp(0.0, 255.0).to_kind(Kind::Uint8))
 }
 
 /// Resizes `[N, C, H, W]` bytes to `side` x `side` with antialiased bilinear filtering.
 pub(super) fn resize(images: &Tensor, side: i64) -> Result<Tensor, DataError> {
-    let resized = images.to_kind(Kind::Float).f_internal_upsample_bilinear2d_aa(
-        [side, side],
-        false,
-        None,
-        None,
-    )?;
+    let resized = images
+        .to_kind(Kind::Float)
+        .f_internal_upsample_bilinear2d_aa([side, side], false, None, None)?;
     Ok(resized.round().clamp(0.0, 255.0).to_kind(Kind::Uint8))
 }
 

@@ -9,7 +9,9 @@
 //! All integers little-endian. Payloads by encoding:
 //! - fp32: one f32 per entry; fp16: one IEEE half per entry;
 //! - int8: a f32 scale, then one i8 per entry (value = i8 x scale);
-//! - top-k: k u32, k strictly increasing u32 indices, k f32 values; other entries are zero.
+//! - top-k: k u32, a f32 scale, then k indices as LEB128 varints of the gap to the previous
+//!   kept index (the first counts from 0), then k i8 values (value = i8 x scale); other
+//!   entries are zero. At 10% density this is about two bytes per kept entry.
 //!
 //! Decoding checks every length against the frame and the receiver's model before it
 //! allocates, and rejects non-finite values, so a hostile or corrupt frame costs at most
@@ -206,7 +208,10 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 /// Encodes one flat tensor; returns the payload and the dense values it decodes to.
 fn encode_values(values: &[f32], encoding: Encoding) -> (Vec<u8>, Vec<f32>) {
     match encoding {
-        Encoding::Fp32 => (values.iter().flat_map(|v| v.to_le_bytes()).collect(), values.to_vec()),
+        Encoding::Fp32 => (
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            values.to_vec(),
+        ),
         Encoding::Fp16 => {
             let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
             let payload = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
@@ -215,31 +220,70 @@ fn encode_values(values: &[f32], encoding: Encoding) -> (Vec<u8>, Vec<f32>) {
         Encoding::Int8 => {
             let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-            let quantised: Vec<i8> =
-                values.iter().map(|&v| (v / scale).round().clamp(-127.0, 127.0) as i8).collect();
+            let quantised: Vec<i8> = values
+                .iter()
+                .map(|&v| (v / scale).round().clamp(-127.0, 127.0) as i8)
+                .collect();
             let mut payload = scale.to_le_bytes().to_vec();
             payload.extend(quantised.iter().map(|&q| q as u8));
-            (payload, quantised.iter().map(|&q| q as f32 * scale).collect())
+            (
+                payload,
+                quantised.iter().map(|&q| q as f32 * scale).collect(),
+            )
         }
         Encoding::TopK(fraction) => {
             let k = ((values.len() as f64 * fraction).ceil() as usize).clamp(1, values.len());
             let mut order: Vec<u32> = (0..values.len() as u32).collect();
             // Partial selection: the k largest magnitudes, then back to index order.
             order.select_nth_unstable_by(k - 1, |&a, &b| {
-                values[b as usize].abs().total_cmp(&values[a as usize].abs())
+                values[b as usize]
+                    .abs()
+                    .total_cmp(&values[a as usize].abs())
             });
             let mut kept = order[..k].to_vec();
             kept.sort_unstable();
+            let max = kept
+                .iter()
+                .fold(0f32, |m, &i| m.max(values[i as usize].abs()));
+            let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
             let mut payload = (k as u32).to_le_bytes().to_vec();
-            payload.extend(kept.iter().flat_map(|i| i.to_le_bytes()));
-            payload.extend(kept.iter().flat_map(|&i| values[i as usize].to_le_bytes()));
+            payload.extend(scale.to_le_bytes());
+            let mut next = 0u32;
+            for &i in &kept {
+                put_varint(&mut payload, i - next);
+                next = i + 1;
+            }
             let mut dense = vec![0f32; values.len()];
             for &i in &kept {
-                dense[i as usize] = values[i as usize];
+                let q = (values[i as usize] / scale).round().clamp(-127.0, 127.0) as i8;
+                payload.push(q as u8);
+                dense[i as usize] = q as f32 * scale;
             }
             (payload, dense)
         }
     }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u32) {
+    while value >= 0x80 {
+        out.push((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Reads a LEB128 varint of at most five bytes from `bytes` at `pos`.
+fn get_varint(bytes: &[u8], pos: &mut usize) -> Option<u32> {
+    let mut value = 0u64;
+    for shift in 0..5 {
+        let byte = *bytes.get(*pos)?;
+        *pos += 1;
+        value |= ((byte & 0x7f) as u64) << (7 * shift);
+        if byte & 0x80 == 0 {
+            return u32::try_from(value).ok();
+        }
+    }
+    None
 }
 
 /// A cursor over a frame that never reads past its end.
@@ -250,8 +294,14 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.pos.checked_add(n).ok_or(DecodeError::Truncated(self.pos))?;
-        let slice = self.bytes.get(self.pos..end).ok_or(DecodeError::Truncated(self.pos))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(DecodeError::Truncated(self.pos))?;
+        let slice = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(DecodeError::Truncated(self.pos))?;
         self.pos = end;
         Ok(slice)
     }
@@ -261,15 +311,21 @@ impl<'a> Reader<'a> {
     }
 
     fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
 
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     fn string(&mut self) -> Result<String, DecodeError> {
@@ -415,27 +471,41 @@ fn decode_values(
                 return Err(length_error(4 + numel));
             }
             let scale = f32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
-            Ok(payload[4..].iter().map(|&q| q as i8 as f32 * scale).collect())
+            Ok(payload[4..]
+                .iter()
+                .map(|&q| q as i8 as f32 * scale)
+                .collect())
         }
         _ => {
-            if payload.len() < 4 {
-                return Err(length_error(4));
+            if payload.len() < 8 {
+                return Err(length_error(8));
             }
             let k = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
-            if k > numel || payload.len() != 4 + 8 * k {
-                return Err(length_error(4 + 8 * k.min(numel)));
+            let scale = f32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
+            // Each kept entry costs at least two bytes, so k is bounded by the payload
+            // before anything is allocated for it.
+            if k > numel || k > payload.len() / 2 || !scale.is_finite() {
+                return Err(length_error(8 + 2 * k.min(numel)));
             }
-            let indices: Vec<u32> = payload[4..4 + 4 * k]
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect();
-            let increasing = indices.windows(2).all(|w| w[0] < w[1]);
-            if !increasing || indices.last().is_some_and(|&i| i as usize >= numel) {
-                return Err(DecodeError::BadIndices(name.to_string()));
+            let bad_indices = || DecodeError::BadIndices(name.to_string());
+            let mut pos = 8;
+            let mut indices = Vec::with_capacity(k);
+            let mut next = 0u64;
+            for _ in 0..k {
+                let gap = get_varint(payload, &mut pos).ok_or_else(bad_indices)?;
+                let index = next + gap as u64;
+                if index >= numel as u64 {
+                    return Err(bad_indices());
+                }
+                indices.push(index as usize);
+                next = index + 1;
+            }
+            if payload.len() != pos + k {
+                return Err(length_error(pos + k));
             }
             let mut dense = vec![0f32; numel];
-            for (&i, v) in indices.iter().zip(f32s(&payload[4 + 4 * k..])) {
-                dense[i as usize] = v;
+            for (&i, &q) in indices.iter().zip(&payload[pos..]) {
+                dense[i] = q as i8 as f32 * scale;
             }
             Ok(dense)
         }
@@ -451,8 +521,14 @@ mod tests {
     fn params() -> Vec<(String, Tensor)> {
         tch::manual_seed(3);
         vec![
-            ("conv.weight".into(), Tensor::randn([4, 2, 3, 3], (Kind::Float, Device::Cpu))),
-            ("fc.bias".into(), Tensor::randn([10], (Kind::Float, Device::Cpu))),
+            (
+                "conv.weight".into(),
+                Tensor::randn([4, 2, 3, 3], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "fc.bias".into(),
+                Tensor::randn([10], (Kind::Float, Device::Cpu)),
+            ),
         ]
     }
 
@@ -477,7 +553,12 @@ mod tests {
 
     #[test]
     fn every_encoding_round_trips_to_what_the_sender_predicted() {
-        for encoding in [Encoding::Fp32, Encoding::Fp16, Encoding::Int8, Encoding::TopK(0.25)] {
+        for encoding in [
+            Encoding::Fp32,
+            Encoding::Fp16,
+            Encoding::Int8,
+            Encoding::TopK(0.25),
+        ] {
             let (frame, predicted) = encode(&header(), &params(), encoding);
             let update = decode(&frame, &layout()).unwrap();
             assert_eq!(update.header, header());
@@ -491,7 +572,10 @@ mod tests {
                     Encoding::Int8 => 0.05,
                     Encoding::TopK(_) => f64::INFINITY,
                 };
-                assert!(max_error(got, &original) <= tolerance, "{encoding:?} {name}");
+                assert!(
+                    max_error(got, &original) <= tolerance,
+                    "{encoding:?} {name}"
+                );
             }
         }
     }
@@ -503,18 +587,32 @@ mod tests {
         let small = Layout::new("demo", "f00d", &tensors);
         let (frame, _) = encode(&header(), &tensors, Encoding::TopK(0.25));
         let got: Vec<f32> = Vec::try_from(&decode(&frame, &small).unwrap().tensors[0].1).unwrap();
-        assert_eq!(got, vec![0.0, -5.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]);
+        let scale = 5.0f32 / 127.0;
+        let three = (3.0f32 / scale).round() * scale;
+        assert_eq!(got, vec![0.0, -5.0, 0.0, three, 0.0, 0.0, 0.0, 0.0]);
 
-        let (dense, _) = encode(&header(), &params(), Encoding::Fp32);
-        let (sparse, _) = encode(&header(), &params(), Encoding::TopK(0.05));
-        assert!(sparse.len() * 5 < dense.len());
+        let big = vec![(
+            "fc.weight".to_string(),
+            Tensor::randn([100, 100], (Kind::Float, Device::Cpu)),
+        )];
+        let (dense, _) = encode(&header(), &big, Encoding::Fp32);
+        let (sparse, _) = encode(&header(), &big, Encoding::TopK(0.1));
+        assert!(
+            sparse.len() * 8 < dense.len(),
+            "{} vs {}",
+            sparse.len(),
+            dense.len()
+        );
     }
 
     #[test]
     fn every_truncation_is_rejected_without_panicking() {
         let (frame, _) = encode(&header(), &params(), Encoding::Int8);
         for len in 0..frame.len() {
-            assert!(decode(&frame[..len], &layout()).is_err(), "prefix of {len} accepted");
+            assert!(
+                decode(&frame[..len], &layout()).is_err(),
+                "prefix of {len} accepted"
+            );
         }
     }
 
@@ -565,10 +663,21 @@ mod tests {
     #[test]
     fn oversized_declared_lengths_are_refused_before_allocation() {
         let (mut frame, _) = encode(&header(), &params(), Encoding::TopK(0.5));
-        // Find the first tensor's k (just after its payload length) and inflate it.
+        // The first tensor's k sits right after its name, rank, dims and payload length.
         let name_end = frame.windows(11).position(|w| w == b"conv.weight").unwrap() + 11;
         let k_at = name_end + 1 + 4 * 4 + 4;
         frame[k_at..k_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&frame, &layout()).unwrap_err().reason(), "malformed");
+    }
+
+    #[test]
+    fn top_k_indices_past_the_end_are_refused() {
+        let tensors = vec![("fc.bias".to_string(), Tensor::from_slice(&[1.0f32, 2.0]))];
+        let small = Layout::new("demo", "f00d", &tensors);
+        let (mut frame, _) = encode(&header(), &tensors, Encoding::TopK(0.5));
+        // One kept entry: k, scale, one varint gap, one value. Point the gap past the end.
+        let gap_at = frame.len() - 2;
+        frame[gap_at] = 5;
+        assert_eq!(decode(&frame, &small).unwrap_err().reason(), "malformed");
     }
 }

@@ -70,7 +70,11 @@ impl GossipState {
             federation: federation.to_string(),
             sender: sender.to_string(),
             fingerprint: fingerprint.to_string(),
-            index: names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect(),
+            index: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), i))
+                .collect(),
             initial: public.iter().map(|t| t.copy()).collect(),
             names,
             public,
@@ -158,7 +162,9 @@ impl GossipState {
         } else if estimate.in_sync && estimate.version == header.base_version {
             tch::no_grad(|| {
                 for (name, q) in &update.tensors {
-                    let Some(&i) = self.index.get(name) else { continue };
+                    let Some(&i) = self.index.get(name) else {
+                        continue;
+                    };
                     if let Some(value) = estimate.values[i].as_mut() {
                         let _ = value.g_add_(&q.to_device(value.device()));
                     }
@@ -169,7 +175,11 @@ impl GossipState {
             estimate.in_sync = false;
             return Received::NeedKeyframe;
         }
-        estimate.last_round = Some(estimate.last_round.map_or(header.round, |r| r.max(header.round)));
+        estimate.last_round = Some(
+            estimate
+                .last_round
+                .map_or(header.round, |r| r.max(header.round)),
+        );
         Received::Applied {
             shared: estimate.values.iter().filter(|v| v.is_some()).count(),
         }
@@ -198,7 +208,9 @@ impl GossipState {
             for (i, x) in params.iter_mut().enumerate() {
                 let mut correction: Option<Tensor> = None;
                 for (_, estimate, w) in &used {
-                    let Some(value) = &estimate.values[i] else { continue };
+                    let Some(value) = &estimate.values[i] else {
+                        continue;
+                    };
                     let term = (value - &self.public[i]) * (gamma * w);
                     correction = Some(match correction {
                         Some(c) => c + term,
@@ -249,7 +261,10 @@ impl GossipState {
         for (n, t) in self.names.iter().zip(&self.public) {
             tensors.push((format!("gossip.public.{n}"), t.shallow_clone()));
         }
-        meta.insert("gossip.public.version".into(), self.public_version.to_string());
+        meta.insert(
+            "gossip.public.version".into(),
+            self.public_version.to_string(),
+        );
         for (peer, e) in &self.neighbours {
             if !e.in_sync {
                 continue;
@@ -268,11 +283,7 @@ impl GossipState {
 
     /// Restores what [`GossipState::state`] saved. Peers missing from the checkpoint start
     /// out of sync and will receive a keyframe.
-    pub fn restore(
-        &mut self,
-        tensors: &HashMap<String, Tensor>,
-        meta: &BTreeMap<String, String>,
-    ) {
+    pub fn restore(&mut self, tensors: &HashMap<String, Tensor>, meta: &BTreeMap<String, String>) {
         let device = self.public.first().map(|t| t.device());
         for (i, n) in self.names.iter().enumerate() {
             if let Some(t) = tensors.get(&format!("gossip.public.{n}")) {
@@ -293,7 +304,11 @@ impl GossipState {
             let values = self
                 .names
                 .iter()
-                .map(|n| tensors.get(&format!("gossip.peer.{peer}.{n}")).map(|t| t.copy()))
+                .map(|n| {
+                    tensors
+                        .get(&format!("gossip.peer.{peer}.{n}"))
+                        .map(|t| t.copy())
+                })
                 .collect();
             let last_round = meta
                 .get(&format!("gossip.peer.{peer}.round"))
@@ -324,7 +339,10 @@ mod tests {
     use crate::federation::mixing::metropolis_hastings;
 
     fn model(value: f32) -> Vec<(String, Tensor)> {
-        vec![("w".into(), Tensor::full([4], value as f64, (Kind::Float, Device::Cpu)))]
+        vec![(
+            "w".into(),
+            Tensor::full([4], value as f64, (Kind::Float, Device::Cpu)),
+        )]
     }
 
     fn node(name: &str) -> GossipState {
@@ -339,8 +357,10 @@ mod tests {
     fn gossip_rounds(values: &[f32], encoding: Encoding, gamma: f64, rounds: u64) -> Vec<f64> {
         let names: Vec<String> = (0..values.len()).map(|i| format!("n{i}")).collect();
         let mut states: Vec<GossipState> = names.iter().map(|n| node(n)).collect();
-        let mut params: Vec<Vec<Tensor>> =
-            values.iter().map(|&v| vec![model(v)[0].1.shallow_clone()]).collect();
+        let mut params: Vec<Vec<Tensor>> = values
+            .iter()
+            .map(|&v| vec![model(v)[0].1.shallow_clone()])
+            .collect();
         for round in 1..=rounds {
             let frames: Vec<Vec<u8>> = states
                 .iter_mut()
@@ -351,7 +371,10 @@ mod tests {
                 for (j, frame) in frames.iter().enumerate() {
                     if i != j {
                         let update = decode(frame, &layout()).unwrap();
-                        assert!(matches!(state.receive(&names[j], update), Received::Applied { .. }));
+                        assert!(matches!(
+                            state.receive(&names[j], update),
+                            Received::Applied { .. }
+                        ));
                     }
                 }
             }
@@ -390,16 +413,28 @@ mod tests {
         let mut b = node("b");
         let params = vec![model(1.0)[0].1.shallow_clone()];
         let first = a.prepare(&params, 1, Encoding::Fp32);
-        assert!(matches!(b.receive("a", decode(&first, &layout()).unwrap()), Received::Applied { .. }));
+        assert!(matches!(
+            b.receive("a", decode(&first, &layout()).unwrap()),
+            Received::Applied { .. }
+        ));
         let params = vec![model(2.0)[0].1.shallow_clone()];
         let _lost = a.prepare(&params, 2, Encoding::Fp32);
         let params = vec![model(5.0)[0].1.shallow_clone()];
         let third = a.prepare(&params, 3, Encoding::Fp32);
-        assert_eq!(b.receive("a", decode(&third, &layout()).unwrap()), Received::NeedKeyframe);
+        assert_eq!(
+            b.receive("a", decode(&third, &layout()).unwrap()),
+            Received::NeedKeyframe
+        );
 
         let key = a.keyframe(3);
-        assert!(matches!(b.receive("a", decode(&key, &layout()).unwrap()), Received::Applied { .. }));
-        let estimate = b.neighbours["a"].values[0].as_ref().unwrap().double_value(&[0]);
+        assert!(matches!(
+            b.receive("a", decode(&key, &layout()).unwrap()),
+            Received::Applied { .. }
+        ));
+        let estimate = b.neighbours["a"].values[0]
+            .as_ref()
+            .unwrap()
+            .double_value(&[0]);
         assert!((estimate - 5.0).abs() < 1e-6);
     }
 

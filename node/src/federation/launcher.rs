@@ -33,9 +33,18 @@ pub struct LocalOptions {
     pub threads_per_node: Option<usize>,
 }
 
-/// Runs the federation in `options.manifest` to completion (or Ctrl-C) and writes its
-/// report. Returns the report directory.
-pub async fn run(options: LocalOptions) -> anyhow::Result<PathBuf> {
+/// A federation ready to start: identities and node configurations written.
+pub struct Plan {
+    pub federation: String,
+    pub rounds: u64,
+    pub report_dir: PathBuf,
+    /// Each node's configuration file, by node name.
+    pub configs: BTreeMap<String, PathBuf>,
+}
+
+/// Reads and validates the manifest, and writes every node's identity and configuration
+/// into the report folder, without starting anything.
+pub fn plan(options: &LocalOptions) -> anyhow::Result<Plan> {
     let text = std::fs::read_to_string(&options.manifest)
         .with_context(|| format!("reading manifest {}", options.manifest.display()))?;
     let manifest = Manifest::parse(&text)
@@ -51,8 +60,24 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<PathBuf> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&federation));
     prepare_report_dir(&report_dir, options.resume)?;
-
     let configs = node_configs(&manifest, &base, &report_dir, options.threads_per_node)?;
+    Ok(Plan {
+        federation,
+        rounds: manifest.federation.spec.rounds,
+        report_dir,
+        configs,
+    })
+}
+
+/// Runs the federation in `options.manifest` to completion (or Ctrl-C) and writes its
+/// report. Returns the report directory.
+pub async fn run(options: LocalOptions) -> anyhow::Result<PathBuf> {
+    let Plan {
+        federation,
+        rounds,
+        report_dir,
+        configs,
+    } = plan(&options)?;
     let exe = std::env::current_exe().context("locating the dfl-node executable")?;
     let (tx, mut rx) = mpsc::channel::<NodeEvent>(1024);
     let mut children: BTreeMap<String, Child> = BTreeMap::new();
@@ -64,8 +89,7 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<PathBuf> {
     }
     drop(tx);
 
-    let view = LiveView::new(&configs.keys().cloned().collect::<Vec<_>>(),
-        manifest.federation.spec.rounds);
+    let view = LiveView::new(&configs.keys().cloned().collect::<Vec<_>>(), rounds);
     let mut report = Report {
         federation: federation.clone(),
         ..Report::default()
@@ -118,7 +142,11 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<PathBuf> {
     print_summary(&report, &configs.keys().cloned().collect::<Vec<_>>());
     println!("report written to {}", report_dir.display());
     if !failures.is_empty() {
-        bail!("{}; logs are in {}", failures.join(", "), report_dir.join("nodes").display());
+        bail!(
+            "{}; logs are in {}",
+            failures.join(", "),
+            report_dir.join("nodes").display()
+        );
     }
     Ok(report_dir)
 }
@@ -168,7 +196,10 @@ fn node_configs(
         let mut node = node.clone();
         let path = base.join(&node.spec.dataset.path);
         let path = path.canonicalize().with_context(|| {
-            format!("DflNode {name}: spec.dataset.path {} does not exist", path.display())
+            format!(
+                "DflNode {name}: spec.dataset.path {} does not exist",
+                path.display()
+            )
         })?;
         node.spec.dataset.path = path.display().to_string();
 
@@ -228,7 +259,9 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<identity::Keypair> {
             .with_context(|| format!("identity key {} is not valid", path.display()));
     }
     let keypair = identity::Keypair::generate_ed25519();
-    let bytes = keypair.to_protobuf_encoding().context("encoding identity key")?;
+    let bytes = keypair
+        .to_protobuf_encoding()
+        .context("encoding identity key")?;
     write_private(path, &bytes)?;
     Ok(keypair)
 }
@@ -384,8 +417,10 @@ impl LiveView {
 }
 
 fn print_summary(report: &Report, nodes: &[String]) {
-    println!("{:>12} {:>6} {:>9} {:>10} {:>12}", "node", "round", "accuracy", "loss",
-        "MB sent");
+    println!(
+        "{:>12} {:>6} {:>9} {:>10} {:>12}",
+        "node", "round", "accuracy", "loss", "MB sent"
+    );
     for node in nodes {
         let rows: Vec<_> = report.rounds.iter().filter(|r| &r.node == node).collect();
         let Some(last) = rows.last() else {
@@ -398,7 +433,11 @@ fn print_summary(report: &Report, nodes: &[String]) {
             .find_map(|r| r.test_accuracy)
             .map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
         let sent: u64 = rows.iter().map(|r| r.bytes_sent).sum();
-        println!("{node:>12} {:>6} {acc:>9} {:>10.4} {:>12.2}", last.round, last.train_loss,
-            sent as f64 / 1e6);
+        println!(
+            "{node:>12} {:>6} {acc:>9} {:>10.4} {:>12.2}",
+            last.round,
+            last.train_loss,
+            sent as f64 / 1e6
+        );
     }
 }

@@ -67,16 +67,30 @@ mod tests {
     #[test]
     fn weights_are_symmetric_and_rows_sum_to_one() {
         // A star joined to a path: degrees 1 to 4, so the max() in the rule matters.
-        let g = graph(&[("a", "b"), ("a", "c"), ("a", "d"), ("a", "e"), ("e", "f"), ("f", "g")]);
+        let g = graph(&[
+            ("a", "b"),
+            ("a", "c"),
+            ("a", "d"),
+            ("a", "e"),
+            ("e", "f"),
+            ("f", "g"),
+        ]);
         let w = matrix(&g);
         for node in g.keys() {
-            let row: f64 = w.iter().filter(|((i, _), _)| i == node).map(|(_, v)| v).sum();
+            let row: f64 = w
+                .iter()
+                .filter(|((i, _), _)| i == node)
+                .map(|(_, v)| v)
+                .sum();
             assert!((row - 1.0).abs() < 1e-12, "row {node} sums to {row}");
         }
         for ((i, j), v) in &w {
             assert!(*v >= 0.0);
             let back = w.get(&(j.clone(), i.clone())).copied().unwrap_or(0.0);
-            assert!((v - back).abs() < 1e-12, "w[{i}][{j}] = {v}, w[{j}][{i}] = {back}");
+            assert!(
+                (v - back).abs() < 1e-12,
+                "w[{i}][{j}] = {v}, w[{j}][{i}] = {back}"
+            );
         }
     }
 

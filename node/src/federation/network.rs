@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    allow_block_list, gossipsub, identity, noise, request_response, tcp, yamux, Multiaddr,
-    PeerId, StreamProtocol, Swarm,
+    allow_block_list, gossipsub, identity, noise, request_response, tcp, yamux, Multiaddr, PeerId,
+    StreamProtocol, Swarm,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -131,7 +131,11 @@ impl NetworkHandle {
         })?;
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Send { peer: id, frame, reply })
+            .send(Command::Send {
+                peer: id,
+                frame,
+                reply,
+            })
             .await
             .map_err(|_| NetworkError::Stopped)?;
         answer
@@ -201,7 +205,10 @@ impl request_response::Codec for UpdateCodec {
         if len > self.max_frame {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("update of {len} bytes exceeds the limit of {}", self.max_frame),
+                format!(
+                    "update of {len} bytes exceeds the limit of {}",
+                    self.max_frame
+                ),
             ));
         }
         let mut frame = vec![0u8; len];
@@ -224,7 +231,12 @@ impl request_response::Codec for UpdateCodec {
         })
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, req: Vec<u8>) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -233,7 +245,12 @@ impl request_response::Codec for UpdateCodec {
         io.close().await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, res: Ack) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Ack,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -253,8 +270,14 @@ impl request_response::Codec for UpdateCodec {
 pub fn spawn(
     config: NetworkConfig,
     own_presence: Presence,
-) -> Result<(NetworkHandle, mpsc::Receiver<NetworkEvent>, tokio::task::JoinHandle<()>), NetworkError>
-{
+) -> Result<
+    (
+        NetworkHandle,
+        mpsc::Receiver<NetworkEvent>,
+        tokio::task::JoinHandle<()>,
+    ),
+    NetworkError,
+> {
     let topic = gossipsub::IdentTopic::new(format!("edgesync/{}/presence", config.federation));
     let mut swarm = build_swarm(&config)?;
     swarm
@@ -271,7 +294,11 @@ pub fn spawn(
 
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
-    let names = config.members.iter().map(|p| (p.name.clone(), p.id)).collect();
+    let names = config
+        .members
+        .iter()
+        .map(|p| (p.name.clone(), p.id))
+        .collect();
     let event_loop = EventLoop {
         swarm,
         topic,
@@ -379,7 +406,10 @@ impl EventLoop {
     }
 
     fn name_of(&self, id: &PeerId) -> Option<String> {
-        self.members.iter().find(|p| p.id == *id).map(|p| p.name.clone())
+        self.members
+            .iter()
+            .find(|p| p.id == *id)
+            .map(|p| p.name.clone())
     }
 
     fn dial_missing(&mut self) {
@@ -397,32 +427,49 @@ impl EventLoop {
     }
 
     fn publish_presence(&mut self) {
-        let Ok(bytes) = serde_json::to_vec(&self.presence) else { return };
+        let Ok(bytes) = serde_json::to_vec(&self.presence) else {
+            return;
+        };
         // Publishing fails while no peer is subscribed yet; the next heartbeat retries.
-        let _ = self.swarm.behaviour_mut().presence.publish(self.topic.clone(), bytes);
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .presence
+            .publish(self.topic.clone(), bytes);
     }
 
     fn handle_command(&mut self, command: Command) {
         match command {
             Command::Send { peer, frame, reply } => {
-                let id = self.swarm.behaviour_mut().updates.send_request(&peer, frame);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .updates
+                    .send_request(&peer, frame);
                 self.pending.insert(id, reply);
             }
             Command::Respond { channel, ack } => {
                 // The requester may have timed out and gone; nothing to do then.
-                let _ = self.swarm.behaviour_mut().updates.send_response(channel, ack);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .updates
+                    .send_response(channel, ack);
             }
             Command::Announce(presence) => {
                 self.presence = presence;
                 self.publish_presence();
             }
             Command::Connected(reply) => {
-                let names = self.connected.iter().filter_map(|id| self.name_of(id)).collect();
+                let names = self
+                    .connected
+                    .iter()
+                    .filter_map(|id| self.name_of(id))
+                    .collect();
                 let _ = reply.send(names);
             }
         }
     }
-
 
     async fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
@@ -473,7 +520,9 @@ impl EventLoop {
     async fn handle_presence(&mut self, message: gossipsub::Message) {
         // Signed messages name their author; only members' announcements count, and only
         // about themselves.
-        let Some(author) = message.source.and_then(|id| self.name_of(&id)) else { return };
+        let Some(author) = message.source.and_then(|id| self.name_of(&id)) else {
+            return;
+        };
         match serde_json::from_slice::<Presence>(&message.data) {
             Ok(presence) if presence.node == author => {
                 emit(&self.events, NetworkEvent::Presence(presence)).await
@@ -488,12 +537,17 @@ impl EventLoop {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    let Some(from) = self.name_of(&peer) else { return };
-                    emit(&self.events, NetworkEvent::Update {
-                        from,
-                        frame: request,
-                        reply: Responder(channel),
-                    })
+                    let Some(from) = self.name_of(&peer) else {
+                        return;
+                    };
+                    emit(
+                        &self.events,
+                        NetworkEvent::Update {
+                            from,
+                            frame: request,
+                            reply: Responder(channel),
+                        },
+                    )
                     .await;
                 }
                 request_response::Message::Response {

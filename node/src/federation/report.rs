@@ -106,7 +106,9 @@ impl Report {
         let json = serde_json::to_string_pretty(self)?;
         write_atomically(&dir.join("report.json"), json.as_bytes())?;
         write_atomically(&dir.join("report.csv"), self.csv().as_bytes())?;
-        self.plot(&dir.join("accuracy.png"), "test accuracy", |r| r.test_accuracy)?;
+        self.plot(&dir.join("accuracy.png"), "test accuracy", |r| {
+            r.test_accuracy
+        })?;
         self.plot(&dir.join("loss.png"), "train loss", |r| Some(r.train_loss))?;
         Ok(())
     }
@@ -157,12 +159,24 @@ impl Report {
                 series.entry(&r.node).or_default().push((r.round as f64, v));
             }
         }
-        let max_round = self.rounds.iter().map(|r| r.round).max().unwrap_or(1).max(1) as f64;
+        let max_round = self
+            .rounds
+            .iter()
+            .map(|r| r.round)
+            .max()
+            .unwrap_or(1)
+            .max(1) as f64;
         let (lo, hi) = series
             .values()
             .flatten()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, v)| (lo.min(*v), hi.max(*v)));
-        let (lo, hi) = if lo.is_finite() { (lo.min(0.0), hi.max(lo + 1e-3)) } else { (0.0, 1.0) };
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (_, v)| {
+                (lo.min(*v), hi.max(*v))
+            });
+        let (lo, hi) = if lo.is_finite() {
+            (lo.min(0.0), hi.max(lo + 1e-3))
+        } else {
+            (0.0, 1.0)
+        };
 
         let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
@@ -182,7 +196,10 @@ impl Report {
         for (i, (node, points)) in series.iter().enumerate() {
             let colour = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    colour.stroke_width(2),
+                ))
                 .map_err(plot_error)?
                 .label(*node)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));

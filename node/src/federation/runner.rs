@@ -115,8 +115,10 @@ impl Node {
         let trainable = trainable_indices(&trainer, &params);
         let layout = Layout::new(&config.federation, &fingerprint, &params);
         let gossip = GossipState::new(&config.federation, &config.name, &fingerprint, &params);
-        let trainable_params: Vec<Tensor> =
-            trainable.iter().map(|&i| params[i].1.shallow_clone()).collect();
+        let trainable_params: Vec<Tensor> = trainable
+            .iter()
+            .map(|&i| params[i].1.shallow_clone())
+            .collect();
         let momentum = RoundMomentum::new(
             config.federation_spec.momentum.kind,
             config.federation_spec.momentum.beta,
@@ -146,7 +148,9 @@ impl Node {
             CompressionKind::Int8 => Encoding::Int8,
             CompressionKind::TopK => Encoding::TopK(exchange.compression.fraction),
         };
-        let checkpoint = config.state_dir.join(format!("{}.safetensors", config.name));
+        let checkpoint = config
+            .state_dir
+            .join(format!("{}.safetensors", config.name));
 
         let (network, events) = start_network(&config, layout.max_frame, deadline)?;
         let train_samples = train.len();
@@ -187,7 +191,11 @@ impl Node {
     }
 
     fn trainer(&mut self) -> &mut Trainer {
-        &mut self.local.as_mut().expect("the model is only away during blocking work").trainer
+        &mut self
+            .local
+            .as_mut()
+            .expect("the model is only away during blocking work")
+            .trainer
     }
 
     /// Loads the checkpoint if one exists: model, optimiser, gossip state and momentum.
@@ -230,7 +238,8 @@ impl Node {
             if heard && !self.partners.is_empty() {
                 break;
             }
-            self.serve_until(Instant::now() + Duration::from_millis(100)).await;
+            self.serve_until(Instant::now() + Duration::from_millis(100))
+                .await;
         }
         let ahead = self
             .peers
@@ -239,7 +248,11 @@ impl Node {
             .map(|(_, v)| v.round)
             .max();
         if let Some(round) = ahead.filter(|&r| r > self.round) {
-            tracing::info!(from = self.round, to = round, "joining the federation's round");
+            tracing::info!(
+                from = self.round,
+                to = round,
+                "joining the federation's round"
+            );
             self.round = round;
         }
     }
@@ -268,7 +281,10 @@ impl Node {
         let every = self.config.federation_spec.evaluation.every_rounds.max(1);
         let rounds = self.config.federation_spec.rounds;
         let eval = if round % every == 0 || round == rounds {
-            Some(self.blocking(|local| local.trainer.evaluate(&local.test)).await?)
+            Some(
+                self.blocking(|local| local.trainer.evaluate(&local.test))
+                    .await?,
+            )
         } else {
             None
         };
@@ -401,27 +417,32 @@ impl Node {
     }
 
     /// Mixes with the neighbours' estimates; returns (neighbours used, left out as stale).
+    ///
+    /// Every partner whose estimate is in step and recent enough takes part, including one
+    /// that has just finished or dropped out: its last model is still the best estimate.
     fn aggregate(&mut self, round: u64) -> (usize, usize) {
-        let live: Vec<String> = self.live_partners();
-        let degrees: BTreeMap<String, Option<usize>> = live
+        let staleness = self.config.federation_spec.exchange.staleness_rounds;
+        let oldest = round.saturating_sub(staleness);
+        let mut fresh = Vec::new();
+        let mut stale = 0;
+        for partner in &self.partners {
+            let Some(estimate) = self.gossip.neighbours.get(partner) else {
+                continue;
+            };
+            match estimate.last_round {
+                Some(r) if estimate.in_sync && r >= oldest => fresh.push(partner.clone()),
+                Some(_) => stale += 1,
+                None => {}
+            }
+        }
+        let degrees: BTreeMap<String, Option<usize>> = fresh
             .iter()
             .map(|n| (n.clone(), self.peers.get(n).and_then(|p| p.degree)))
             .collect();
-        let weights = metropolis_hastings(self.live_degree(), &degrees);
-        let staleness = self.config.federation_spec.exchange.staleness_rounds;
-        let oldest = round.saturating_sub(staleness);
+        let weights = metropolis_hastings(self.live_degree().max(fresh.len()), &degrees);
         let gamma = self.config.federation_spec.aggregation.consensus_step;
         let mut params = self.all_params();
         let used = self.gossip.mix(&mut params, &weights, gamma, oldest);
-        let stale = live
-            .iter()
-            .filter(|n| {
-                self.gossip
-                    .neighbours
-                    .get(*n)
-                    .is_some_and(|e| e.last_round.is_some_and(|r| r < oldest))
-            })
-            .count();
         (used.len(), stale)
     }
 
@@ -437,17 +458,31 @@ impl Node {
 
     /// Degree used in the Metropolis-Hastings rule: connected topology neighbours.
     fn live_degree(&self) -> usize {
-        self.neighbours.iter().filter(|n| self.connected.contains(*n)).count()
+        self.neighbours
+            .iter()
+            .filter(|n| self.connected.contains(*n))
+            .count()
     }
 
     fn all_params(&self) -> Vec<Tensor> {
-        let local = self.local.as_ref().expect("the model is only away during blocking work");
-        local.trainer.parameters().into_iter().map(|(_, t)| t).collect()
+        let local = self
+            .local
+            .as_ref()
+            .expect("the model is only away during blocking work");
+        local
+            .trainer
+            .parameters()
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
     }
 
     fn trainable_params(&self) -> Vec<Tensor> {
         let all = self.all_params();
-        self.trainable.iter().map(|&i| all[i].shallow_clone()).collect()
+        self.trainable
+            .iter()
+            .map(|&i| all[i].shallow_clone())
+            .collect()
     }
 
     /// Runs `work` on a blocking thread with the model and data, serving the network
@@ -456,7 +491,10 @@ impl Node {
         &mut self,
         work: impl FnOnce(&mut Local) -> R + Send + 'static,
     ) -> anyhow::Result<R> {
-        let mut local = self.local.take().expect("the model is only away during blocking work");
+        let mut local = self
+            .local
+            .take()
+            .expect("the model is only away during blocking work");
         // Training and evaluation take seconds of CPU; on the async runtime they would
         // stall the swarm and leave neighbours' updates unanswered.
         let mut job = tokio::task::spawn_blocking(move || {
@@ -493,7 +531,11 @@ impl Node {
                 let ack = match codec::decode(&frame, &self.layout) {
                     Err(error) => {
                         tracing::warn!(peer = %from, %error, "rejected an update");
-                        *self.counters.updates_dropped.entry(error.reason()).or_default() += 1;
+                        *self
+                            .counters
+                            .updates_dropped
+                            .entry(error.reason())
+                            .or_default() += 1;
                         Ack::Rejected(error.reason().to_string())
                     }
                     Ok(update) if update.header.sender != from => {
@@ -553,7 +595,8 @@ impl Node {
             if self.live_partners().is_empty() {
                 break;
             }
-            self.serve_until(Instant::now() + Duration::from_millis(200)).await;
+            self.serve_until(Instant::now() + Duration::from_millis(200))
+                .await;
         }
         self.emit(NodeEvent::Finished {
             node: self.config.name.clone(),
@@ -611,8 +654,13 @@ async fn load_data(
         if test_limit > 0 && test_limit < test.len() {
             test = test.evenly_spaced(test_limit);
         }
-        tracing::info!(share = index, of = nodes, train = train.len(), test = test.len(),
-            "data loaded");
+        tracing::info!(
+            share = index,
+            of = nodes,
+            train = train.len(),
+            test = test.len(),
+            "data loaded"
+        );
         Ok((train, test))
     })
     .await?
@@ -715,8 +763,11 @@ fn start_network(
     }
     if let Some(me) = config.me() {
         if me.peer_id != own_id.to_string() {
-            bail!("key file {} is not the identity {} the member list gives this node",
-                config.key_file.display(), me.peer_id);
+            bail!(
+                "key file {} is not the identity {} the member list gives this node",
+                config.key_file.display(),
+                me.peer_id
+            );
         }
     }
     let listen: Multiaddr = config
