@@ -1,0 +1,145 @@
+//! A node killed in the middle of a federation: the others keep their round deadline and
+//! finish, and the killed node, restarted, resumes from its checkpoint.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{dfl_node, Federation};
+use edgesync_node::federation::launcher::{plan, LocalOptions};
+use edgesync_node::federation::report::NodeEvent;
+
+fn start(config: &std::path::Path, events: mpsc::Sender<NodeEvent>) -> Child {
+    let log = std::fs::File::create(config.with_file_name("test.log")).unwrap();
+    let mut child = Command::new(dfl_node())
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(event) = serde_json::from_str::<NodeEvent>(&line) {
+                if events.send(event).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    child
+}
+
+fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < until, "node did not finish in {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn killed_node_does_not_stall_the_others_and_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let deadline = 3.0;
+    let rounds = 12;
+    let manifest = Federation {
+        name: "faults",
+        rounds,
+        local_steps: 10,
+        deadline_seconds: deadline,
+        eval_every: 6,
+        ..Default::default()
+    }
+    .write(dir.path());
+    let plan = plan(&LocalOptions {
+        manifest,
+        report_dir: Some(dir.path().join("run")),
+        resume: false,
+        threads_per_node: Some(1),
+    })
+    .unwrap();
+
+    let (tx, rx) = mpsc::channel();
+    let mut children: Vec<(String, Child)> = plan
+        .configs
+        .iter()
+        .map(|(name, path)| (name.clone(), start(path, tx.clone())))
+        .collect();
+    let victim = "node-2".to_string();
+
+    // Kill the victim with SIGKILL as soon as it has finished round 3.
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let event = rx.recv_timeout(until - Instant::now()).expect("no progress from nodes");
+        let done = matches!(&event, NodeEvent::Round(r) if r.node == victim && r.round == 3);
+        seen.push(event);
+        if done {
+            break;
+        }
+    }
+    let killed_at = Instant::now();
+    children.iter_mut().find(|(n, _)| *n == victim).unwrap().1.kill().unwrap();
+
+    // Restart it from the same configuration: it must pick up after round 3.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut restarted = start(&plan.configs[&victim], tx.clone());
+    drop(tx);
+
+    for (name, child) in children.iter_mut().filter(|(n, _)| *n != victim) {
+        let status = wait(child, Duration::from_secs(180));
+        assert!(status.success(), "{name} failed");
+    }
+    assert!(wait(&mut restarted, Duration::from_secs(180)).success());
+    seen.extend(rx.try_iter());
+
+    for survivor in ["node-0", "node-1"] {
+        let rows: Vec<_> = seen
+            .iter()
+            .filter_map(|e| match e {
+                NodeEvent::Round(r) if r.node == survivor => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rows.len() as u64, rounds, "{survivor} completed every round");
+        // Waiting never exceeds the deadline (plus scheduling slack) even while a
+        // neighbour is dead.
+        for r in &rows {
+            assert!(
+                r.waiting_seconds < deadline + 1.5,
+                "{survivor} waited {:.1}s in round {}",
+                r.waiting_seconds,
+                r.round
+            );
+        }
+    }
+    assert!(killed_at.elapsed() < Duration::from_secs(170));
+
+    let restarts: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::Started { node, round, .. } if *node == victim => Some(*round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restarts.len(), 2, "the victim started twice");
+    assert_eq!(restarts[0], 1);
+    assert!(restarts[1] >= 4, "restarted node began at round {}", restarts[1]);
+    let victim_rounds: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::Round(r) if r.node == victim => Some(r.round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(victim_rounds.last(), Some(&rounds), "restarted node reached the last round");
+}
