@@ -37,6 +37,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# Checked up front so that a typo fails before minutes of installing and measuring.
+for variant in $variants; do
+  case "$variant" in
+    fused:cl|fused:nchw|foreach:cl|foreach:nchw|forloop:cl|forloop:nchw) ;;
+    *) echo "bad variant $variant: expected fused|foreach|forloop : cl|nchw" >&2; exit 2 ;;
+  esac
+done
+
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$repo/.venv-bench"
 cache="${EDGESYNC_CACHE:-$HOME/.cache/edgesync}/wheels"
@@ -87,11 +95,8 @@ for rep in $(seq 1 "$reps"); do
   echo "[$rep] $line" | tee -a "$log"
   for variant in $variants; do
     adam=${variant%%:*}
-    case "${variant#*:}" in
-      cl) format=--channels-last ;;
-      nchw) format=--no-channels-last ;;
-      *) echo "bad variant $variant: expected ADAM:cl or ADAM:nchw" >&2; exit 2 ;;
-    esac
+    format=--channels-last
+    [ "${variant#*:}" = cl ] || format=--no-channels-last
     line=$("$venv/bin/python" "$repo/bench/torch_throughput.py" "${common[@]}" \
       --adam "$adam" "$format")
     echo "[$rep] $line" | tee -a "$log"

@@ -80,7 +80,9 @@ fn killed_node_does_not_stall_the_others_and_resumes_from_its_checkpoint() {
     let mut seen = Vec::new();
     let until = Instant::now() + Duration::from_secs(120);
     loop {
-        let event = rx.recv_timeout(until - Instant::now()).expect("no progress from nodes");
+        let event = rx
+            .recv_timeout(until - Instant::now())
+            .expect("no progress from nodes");
         let done = matches!(&event, NodeEvent::Round(r) if r.node == victim && r.round == 3);
         seen.push(event);
         if done {
@@ -88,7 +90,13 @@ fn killed_node_does_not_stall_the_others_and_resumes_from_its_checkpoint() {
         }
     }
     let killed_at = Instant::now();
-    children.iter_mut().find(|(n, _)| *n == victim).unwrap().1.kill().unwrap();
+    children
+        .iter_mut()
+        .find(|(n, _)| *n == victim)
+        .unwrap()
+        .1
+        .kill()
+        .unwrap();
 
     // Restart it from the same configuration: it must pick up after round 3.
     std::thread::sleep(Duration::from_millis(500));
@@ -110,7 +118,11 @@ fn killed_node_does_not_stall_the_others_and_resumes_from_its_checkpoint() {
                 _ => None,
             })
             .collect();
-        assert_eq!(rows.len() as u64, rounds, "{survivor} completed every round");
+        assert_eq!(
+            rows.len() as u64,
+            rounds,
+            "{survivor} completed every round"
+        );
         // Waiting never exceeds the deadline (plus scheduling slack) even while a
         // neighbour is dead.
         for r in &rows {
@@ -133,7 +145,11 @@ fn killed_node_does_not_stall_the_others_and_resumes_from_its_checkpoint() {
         .collect();
     assert_eq!(restarts.len(), 2, "the victim started twice");
     assert_eq!(restarts[0], 1);
-    assert!(restarts[1] >= 4, "restarted node began at round {}", restarts[1]);
+    assert!(
+        restarts[1] >= 4,
+        "restarted node began at round {}",
+        restarts[1]
+    );
     let victim_rounds: Vec<u64> = seen
         .iter()
         .filter_map(|e| match e {
@@ -141,5 +157,56 @@ fn killed_node_does_not_stall_the_others_and_resumes_from_its_checkpoint() {
             _ => None,
         })
         .collect();
-    assert_eq!(victim_rounds.last(), Some(&rounds), "restarted node reached the last round");
+    assert_eq!(
+        victim_rounds.last(),
+        Some(&rounds),
+        "restarted node reached the last round"
+    );
+}
+
+#[test]
+fn interrupting_the_launcher_stops_every_node_cleanly() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = Federation {
+        name: "interrupt",
+        rounds: 200,
+        local_steps: 5,
+        ..Default::default()
+    }
+    .write(dir.path());
+    let report_dir = dir.path().join("run");
+    let mut launcher = Command::new(dfl_node())
+        .args(["local", "-f"])
+        .arg(&manifest)
+        .arg("--report-dir")
+        .arg(&report_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Without a terminal the launcher prints one line per node and round.
+    let stdout = launcher.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    lines
+        .find(|l| l.contains("round    3/"))
+        .expect("no progress before the interrupt");
+    kill(Pid::from_raw(launcher.id() as i32), Signal::SIGINT).unwrap();
+    std::thread::spawn(move || lines.for_each(drop));
+
+    let status = wait(&mut launcher, Duration::from_secs(60));
+    assert!(status.success(), "launcher exited with {status}");
+    let report = std::fs::read_to_string(report_dir.join("report.json")).unwrap();
+    assert!(report.contains("\"exited\""));
+    for node in ["node-0", "node-1", "node-2"] {
+        let path = report_dir
+            .join("nodes")
+            .join(node)
+            .join(format!("{node}.safetensors"));
+        let checkpoint = edgesync_node::checkpoint::load(&path).unwrap();
+        let round: u64 = checkpoint.field("round").unwrap();
+        assert!((3..200).contains(&round), "{node} stopped at round {round}");
+    }
 }

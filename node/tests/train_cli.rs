@@ -7,7 +7,11 @@ use std::process::Command;
 use common::{dfl_node, shared_data};
 
 fn train(args: &[&str]) -> std::process::Output {
-    Command::new(dfl_node()).arg("train").args(args).output().unwrap()
+    Command::new(dfl_node())
+        .arg("train")
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -34,16 +38,27 @@ fn akida_model_learns_mnist_and_resumes_from_its_checkpoint() {
     ];
 
     let out = train(&[&common[..], &["--rounds", "2"]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("round    2/2"), "{stdout}");
     assert!(checkpoint.exists());
 
     // A longer run with the same checkpoint continues at round 3 instead of starting over.
     let out = train(&[&common[..], &["--rounds", "3"]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!stdout.contains("round    1/3") && stdout.contains("round    3/3"), "{stdout}");
+    assert!(
+        !stdout.contains("round    1/3") && stdout.contains("round    3/3"),
+        "{stdout}"
+    );
 
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
@@ -73,7 +88,11 @@ fn checkpoints_use_pytorch_parameter_names() {
         "--checkpoint",
         checkpoint.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ck = edgesync_node::checkpoint::load(&checkpoint).unwrap();
     let conv = &ck.tensors["conv1.weight"];
     assert_eq!(conv.size(), vec![32, 1, 3, 3]);
@@ -100,7 +119,11 @@ fn inspect_prints_the_partition_histogram_of_cifar10() {
         .args(["--nodes", "4", "--alpha", "1.0", "--min-per-node", "100"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("train: 50000 images, 3x32x32"), "{stdout}");
     assert!(stdout.contains("test: 10000 images"), "{stdout}");

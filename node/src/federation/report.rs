@@ -27,7 +27,11 @@ pub struct RoundRecord {
     pub dropped_by_reason: BTreeMap<String, u64>,
     pub round_seconds: f64,
     pub training_seconds: f64,
+    /// Sending, waiting for and receiving neighbours' updates.
     pub waiting_seconds: f64,
+    /// Evaluation on the test split, in rounds where it is due.
+    #[serde(default)]
+    pub evaluation_seconds: f64,
     pub consensus_distance: Option<f64>,
 }
 
@@ -117,12 +121,13 @@ impl Report {
         let mut out = String::from(
             "node,round,train_loss,test_accuracy,test_loss,learning_rate,bytes_sent,\
              bytes_received,peers_connected,updates_received,updates_used,updates_dropped,\
-             round_seconds,training_seconds,waiting_seconds,consensus_distance\n",
+             round_seconds,training_seconds,waiting_seconds,evaluation_seconds,\
+             consensus_distance\n",
         );
         let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
         for r in &self.rounds {
             out.push_str(&format!(
-                "{},{},{:.6},{},{},{:.3e},{},{},{},{},{},{},{:.3},{:.3},{:.3},{}\n",
+                "{},{},{:.6},{},{},{:.3e},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{}\n",
                 r.node,
                 r.round,
                 r.train_loss,
@@ -138,6 +143,7 @@ impl Report {
                 r.round_seconds,
                 r.training_seconds,
                 r.waiting_seconds,
+                r.evaluation_seconds,
                 opt(r.consensus_distance),
             ));
         }
@@ -207,7 +213,10 @@ impl Report {
         let tick = (hi - lo) * 0.04;
         for event in &self.events {
             let (round, colour) = match event {
-                NodeEvent::PeerDisconnected { round, .. } => (*round, RED),
+                // Nodes leaving after the last round is the run ending, not a fault.
+                NodeEvent::PeerDisconnected { round, .. } if (*round as f64) < max_round => {
+                    (*round, RED)
+                }
                 NodeEvent::PeerConnected { round, .. } if *round > 1 => (*round, GREEN),
                 _ => continue,
             };

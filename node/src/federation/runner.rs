@@ -232,6 +232,9 @@ impl Node {
 
     /// A node that starts late or restarts skips to the round its neighbours are at.
     async fn join_current_round(&mut self) {
+        if self.partners.is_empty() {
+            return;
+        }
         let until = Instant::now() + JOIN_WAIT;
         while Instant::now() < until {
             let heard = self.partners.iter().all(|p| self.peers.contains_key(p));
@@ -280,6 +283,7 @@ impl Node {
 
         let every = self.config.federation_spec.evaluation.every_rounds.max(1);
         let rounds = self.config.federation_spec.rounds;
+        let evaluation_from = Instant::now();
         let eval = if round % every == 0 || round == rounds {
             Some(
                 self.blocking(|local| local.trainer.evaluate(&local.test))
@@ -288,6 +292,7 @@ impl Node {
         } else {
             None
         };
+        let evaluation_seconds = evaluation_from.elapsed().as_secs_f64();
         let all: Vec<Tensor> = self.all_params();
         let consensus = self.gossip.consensus_distance(&all);
         self.save_checkpoint()?;
@@ -315,6 +320,7 @@ impl Node {
             round_seconds: round_start.elapsed().as_secs_f64(),
             training_seconds,
             waiting_seconds,
+            evaluation_seconds,
             consensus_distance: consensus,
         };
         self.emit(NodeEvent::Round(record));
@@ -353,6 +359,8 @@ impl Node {
                     waiting_for.len() as u64;
                 break;
             }
+            // Wake at least every 200 ms to notice a stop request.
+            let wake = until.min(now + Duration::from_millis(200));
             tokio::select! {
                 Some(joined) = sends.join_next(), if !sends.is_empty() => {
                     if let Ok((peer, result, bytes)) = joined {
@@ -363,8 +371,7 @@ impl Node {
                     Some(event) => self.handle_event(event).await,
                     None => break,
                 },
-                // Wake at least every 200 ms to notice a stop request.
-                _ = tokio::time::sleep_until(until.min(Instant::now() + Duration::from_millis(200)).into()) => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
         // Sends still in flight belong to partners that never answered in time; their
