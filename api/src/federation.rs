@@ -184,6 +184,7 @@ fn default_consensus_step() -> f64 {
 /// the `DflNode` names sorted alphabetically.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "camelCase")]
+#[schemars(transform = crate::schema::fold_kind_tagged)]
 pub enum Topology {
     /// Every node with every other.
     FullMesh,
@@ -275,6 +276,7 @@ fn default_staleness() -> u64 {
 /// How training data is divided among the nodes that share a dataset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "camelCase")]
+#[schemars(transform = crate::schema::fold_kind_tagged)]
 pub enum PartitionSpec {
     Iid,
     #[serde(rename_all = "camelCase")]

@@ -8,6 +8,7 @@
 mod federation;
 mod manifest;
 mod node;
+mod schema;
 
 pub use federation::*;
 pub use manifest::{Manifest, ManifestError};
