@@ -73,6 +73,15 @@ pub struct Trainer {
     batcher: Batcher,
     normalize: Normalize,
     channels_last: bool,
+    train_len: usize,
+}
+
+/// The batch sampler of a run that has taken `step` steps. A resumed run draws a fresh
+/// order rather than repeating the batches it saw right after its start.
+fn batcher_at(config: &TrainConfig, train_len: usize, step: u64) -> Batcher {
+    let augment = config.augment.then(Augment::natural_images);
+    let seed = config.seed ^ 0x5eed_ba7c ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    Batcher::new(train_len, config.batch_size, Normalize::default(), augment, seed)
 }
 
 impl Trainer {
@@ -94,14 +103,7 @@ impl Trainer {
             warmup_steps: config.warmup_steps,
             min_fraction: 0.01,
         };
-        let augment = config.augment.then(Augment::natural_images);
-        let batcher = Batcher::new(
-            train_len,
-            config.batch_size,
-            Normalize::default(),
-            augment,
-            config.seed ^ 0x5eed_ba7c,
-        );
+        let batcher = batcher_at(&config, train_len, 0);
         Trainer {
             vs,
             model,
@@ -113,6 +115,7 @@ impl Trainer {
             batcher,
             normalize: Normalize::default(),
             channels_last,
+            train_len,
         }
     }
 
@@ -234,6 +237,7 @@ impl Trainer {
         })?;
         let step: u64 = ck.field("step")?;
         self.optimizer.load_state(&ck.tensors, step)?;
+        self.batcher = batcher_at(&self.config, self.train_len, step);
         Ok(ck)
     }
 }
