@@ -81,7 +81,13 @@ pub struct Trainer {
 fn batcher_at(config: &TrainConfig, train_len: usize, step: u64) -> Batcher {
     let augment = config.augment.then(Augment::natural_images);
     let seed = config.seed ^ 0x5eed_ba7c ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    Batcher::new(train_len, config.batch_size, Normalize::default(), augment, seed)
+    Batcher::new(
+        train_len,
+        config.batch_size,
+        Normalize::default(),
+        augment,
+        seed,
+    )
 }
 
 impl Trainer {
