@@ -3,7 +3,7 @@
 //! A node loads only the images it holds locally ([`data`]), trains a CNN on them with
 //! libtorch ([`model`], [`optim`], [`train`]), evaluates it ([`eval`]) and keeps its progress
 //! in crash-safe checkpoints ([`checkpoint`]). The `dfl-node` binary exposes all of it
-//! through [`cli`].
+//! through [`cli`]; a running node reports itself through [`metrics`], served by [`web`].
 
 pub mod checkpoint;
 pub mod cli;
@@ -11,7 +11,9 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod federation;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod telemetry;
 pub mod train;
+pub mod web;

@@ -102,6 +102,18 @@ fn parse_header(
     magic: u32,
     fields: usize,
 ) -> Result<Vec<usize>, DataError> {
+    // A short file of the wrong kind (labels where images belong) is best reported as the
+    // wrong file, so the magic number is checked before the header's length.
+    if let Some(w) = bytes.get(..4) {
+        let found = u32::from_be_bytes([w[0], w[1], w[2], w[3]]);
+        if found != magic {
+            return Err(DataError::BadMagic {
+                path: path.to_path_buf(),
+                found,
+                expected: magic,
+            });
+        }
+    }
     if bytes.len() < 4 * fields {
         return Err(DataError::Truncated {
             path: path.to_path_buf(),

@@ -553,17 +553,19 @@ mod tests {
 
     #[test]
     fn every_encoding_round_trips_to_what_the_sender_predicted() {
+        // Drawn once: tests run in parallel and share libtorch's global generator.
+        let params = params();
         for encoding in [
             Encoding::Fp32,
             Encoding::Fp16,
             Encoding::Int8,
             Encoding::TopK(0.25),
         ] {
-            let (frame, predicted) = encode(&header(), &params(), encoding);
+            let (frame, predicted) = encode(&header(), &params, encoding);
             let update = decode(&frame, &layout()).unwrap();
             assert_eq!(update.header, header());
-            for ((name, got), (want_name, original)) in update.tensors.iter().zip(params()) {
-                assert_eq!(name, &want_name);
+            for ((name, got), (want_name, original)) in update.tensors.iter().zip(&params) {
+                assert_eq!(name, want_name);
                 let p = &predicted[update.tensors.iter().position(|t| &t.0 == name).unwrap()];
                 assert_eq!(max_error(got, p), 0.0, "{encoding:?} {name}");
                 let tolerance = match encoding {
@@ -572,10 +574,7 @@ mod tests {
                     Encoding::Int8 => 0.05,
                     Encoding::TopK(_) => f64::INFINITY,
                 };
-                assert!(
-                    max_error(got, &original) <= tolerance,
-                    "{encoding:?} {name}"
-                );
+                assert!(max_error(got, original) <= tolerance, "{encoding:?} {name}");
             }
         }
     }

@@ -28,6 +28,10 @@ pub struct NodeConfig {
     /// CPU threads for libtorch; absent keeps libtorch's default.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Address serving `/metrics`, `/healthz` and `/readyz`, e.g. `0.0.0.0:9400`; absent
+    /// serves none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

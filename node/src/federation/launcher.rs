@@ -1,12 +1,14 @@
 //! `dfl-node local`: a whole federation on one machine, one OS process per node.
 //!
 //! The launcher reads the same manifest a cluster would take, gives every node an Ed25519
-//! identity and a loopback port, writes each node's configuration, starts `dfl-node run`
-//! for each, shows their progress live and gathers the report. Nodes talk to each other
-//! over real libp2p connections on 127.0.0.1, exactly as pods would across hosts.
+//! identity, a loopback port and a metrics port, writes each node's configuration, starts
+//! `dfl-node run` for each, shows their progress live and gathers the report. Nodes talk to
+//! each other over real libp2p connections on 127.0.0.1, exactly as pods would across
+//! hosts; `metrics.txt` in the report folder lists each node's Prometheus scrape URL.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -40,6 +42,8 @@ pub struct Plan {
     pub report_dir: PathBuf,
     /// Each node's configuration file, by node name.
     pub configs: BTreeMap<String, PathBuf>,
+    /// Each node's Prometheus scrape URL, by node name; also listed in `metrics.txt`.
+    pub metrics: BTreeMap<String, String>,
 }
 
 /// Reads and validates the manifest, and writes every node's identity and configuration
@@ -60,12 +64,21 @@ pub fn plan(options: &LocalOptions) -> anyhow::Result<Plan> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&federation));
     prepare_report_dir(&report_dir, options.resume)?;
-    let configs = node_configs(&manifest, &base, &report_dir, options.threads_per_node)?;
+    let (configs, metrics) = node_configs(&manifest, &base, &report_dir, options.threads_per_node)?;
+    // Written before any node starts, so whoever watches the run can point a scraper at
+    // the nodes while they train.
+    let listing: String = metrics
+        .iter()
+        .map(|(node, url)| format!("{node} {url}\n"))
+        .collect();
+    let path = report_dir.join("metrics.txt");
+    std::fs::write(&path, listing).with_context(|| format!("writing {}", path.display()))?;
     Ok(Plan {
         federation,
         rounds: manifest.federation.spec.rounds,
         report_dir,
         configs,
+        metrics,
     })
 }
 
@@ -77,7 +90,11 @@ pub async fn run(options: LocalOptions) -> anyhow::Result<PathBuf> {
         rounds,
         report_dir,
         configs,
+        metrics,
     } = plan(&options)?;
+    for (node, url) in &metrics {
+        tracing::info!(%node, %url, "node metrics");
+    }
     let exe = std::env::current_exe().context("locating the dfl-node executable")?;
     let (tx, mut rx) = mpsc::channel::<NodeEvent>(1024);
     let mut children: BTreeMap<String, Child> = BTreeMap::new();
@@ -175,19 +192,21 @@ fn prepare_report_dir(dir: &Path, resume: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes every node's identity and configuration; returns config paths by node name.
+/// Writes every node's identity and configuration; returns config paths and metrics URLs
+/// by node name.
 fn node_configs(
     manifest: &Manifest,
     base: &Path,
     report_dir: &Path,
     threads: Option<usize>,
-) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+) -> anyhow::Result<(BTreeMap<String, PathBuf>, BTreeMap<String, String>)> {
     struct Planned {
         node: DflNode,
         dir: PathBuf,
         key_file: PathBuf,
         peer_id: String,
         port: u16,
+        metrics: SocketAddr,
         model: MemberModel,
     }
     let mut planned = Vec::new();
@@ -212,6 +231,7 @@ fn node_configs(
             model: MemberModel::of(&node.spec, classes),
             peer_id: keypair.public().to_peer_id().to_string(),
             port: free_port()?,
+            metrics: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
             node,
             dir,
             key_file,
@@ -219,6 +239,7 @@ fn node_configs(
     }
 
     let mut out = BTreeMap::new();
+    let mut urls = BTreeMap::new();
     for me in &planned {
         let name = me.node.name_any();
         let neighbours = &manifest.neighbours[&name];
@@ -243,13 +264,15 @@ fn node_configs(
             members,
             state_dir: me.dir.clone(),
             threads,
+            metrics_address: Some(me.metrics),
         };
         let path = me.dir.join("config.yaml");
         std::fs::write(&path, serde_yaml::to_string(&config)?)
             .with_context(|| format!("writing {}", path.display()))?;
+        urls.insert(name.clone(), format!("http://{}/metrics", me.metrics));
         out.insert(name, path);
     }
-    Ok(out)
+    Ok((out, urls))
 }
 
 /// A node keeps its identity across resumed runs, so its peers' estimates stay valid.

@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use edgesync_api::{CompressionKind, LrSchedule, OptimizerKind as ApiOptimizer, PartitionSpec};
 use libp2p::{identity, Multiaddr, PeerId};
 use tch::nn;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -28,9 +28,11 @@ use super::momentum::RoundMomentum;
 use super::network::{self, Ack, NetworkEvent, NetworkHandle, Peer, Presence};
 use super::report::{NodeEvent, RoundRecord};
 use crate::data::{self, partition, Dataset, Split};
+use crate::metrics::NodeMetrics;
 use crate::model;
 use crate::optim::{OptimizerConfig, OptimizerKind};
 use crate::train::{TrainConfig, Trainer};
+use crate::web;
 
 /// How long a node waits at start-up to hear which round its neighbours are at.
 const JOIN_WAIT: Duration = Duration::from_secs(5);
@@ -84,6 +86,9 @@ struct Node {
     deadline: Duration,
     checkpoint: PathBuf,
     stop: Arc<AtomicBool>,
+    metrics: Arc<NodeMetrics>,
+    /// The metrics endpoint, when the configuration asks for one.
+    server: Option<web::Server>,
 }
 
 /// Runs the node described by `config` until its last round, or until `stop` is set.
@@ -95,6 +100,9 @@ pub async fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()
         node.run_round().await?;
     }
     node.linger().await;
+    if let Some(server) = node.server.take() {
+        server.stop().await;
+    }
     Ok(())
 }
 
@@ -105,11 +113,31 @@ impl Node {
             .me()
             .with_context(|| format!("node {} is not in its own member list", config.name))?
             .clone();
+        // The member list bounds the per-neighbour series.
+        let member_neighbours: Vec<String> = config
+            .members
+            .iter()
+            .filter(|m| m.neighbour && m.name != config.name)
+            .map(|m| m.name.clone())
+            .collect();
+        let metrics = Arc::new(NodeMetrics::new(
+            &config.federation,
+            &config.name,
+            &crate::device::describe(device),
+            &member_neighbours,
+        )?);
+        // Started before the data loads, so that probes see a live process meanwhile.
+        let server = match config.metrics_address {
+            Some(addr) => Some(web::Server::start(addr, metrics.clone()).await?),
+            None => None,
+        };
 
         let (train, test) = load_data(&config, &me).await?;
+        metrics.readiness.data_loaded.store(true, Ordering::Relaxed);
         let spec = me.model.spec();
         let train_config = train_config(&config);
         let trainer = Trainer::new(spec, train_config, train.len(), device);
+        metrics.readiness.model_built.store(true, Ordering::Relaxed);
         let fingerprint = trainer.fingerprint();
         let params = trainer.parameters();
         let trainable = trainable_indices(&trainer, &params);
@@ -153,6 +181,7 @@ impl Node {
             .join(format!("{}.safetensors", config.name));
 
         let (network, events) = start_network(&config, layout.max_frame, deadline)?;
+        metrics.readiness.listening.store(true, Ordering::Relaxed);
         let train_samples = train.len();
         let mut node = Node {
             local: Some(Local {
@@ -177,8 +206,11 @@ impl Node {
             deadline,
             checkpoint,
             stop,
+            metrics,
+            server,
             config,
         };
+        node.update_peering();
         node.resume()?;
         node.emit(NodeEvent::Started {
             node: node.config.name.clone(),
@@ -264,6 +296,7 @@ impl Node {
         let round = self.round;
         let round_start = Instant::now();
         self.counters = Counters::default();
+        self.metrics.training.round.set(round as i64);
         self.announce(false).await;
 
         let start: Vec<Tensor> = self.trainable_params().iter().map(|t| t.copy()).collect();
@@ -272,14 +305,26 @@ impl Node {
             .blocking(move |local| local.trainer.train_steps(&local.train, steps))
             .await??;
         let training_seconds = stats.seconds;
+        let training = &self.metrics.training;
+        training.duration.observe(training_seconds);
+        training.samples.inc_by(stats.samples);
+        training.train_loss.set(stats.mean_loss);
 
         let waiting_from = Instant::now();
         self.exchange(round).await;
         let waiting_seconds = waiting_from.elapsed().as_secs_f64();
+        self.metrics.exchange.waiting.observe(waiting_seconds);
 
         let (used, stale) = self.aggregate(round);
         let mut params = self.trainable_params();
         self.momentum.apply(&start, &mut params);
+        let exchange = &self.metrics.exchange;
+        exchange.updates_used.inc_by(used as u64);
+        exchange.dropped("stale", stale as u64);
+        self.metrics
+            .convergence
+            .update_norm
+            .set(update_norm(&start, &params));
 
         let every = self.config.federation_spec.evaluation.every_rounds.max(1);
         let rounds = self.config.federation_spec.rounds;
@@ -296,6 +341,15 @@ impl Node {
         let all: Vec<Tensor> = self.all_params();
         let consensus = self.gossip.consensus_distance(&all);
         self.save_checkpoint()?;
+        if let Some(e) = &eval {
+            self.metrics.training.test_accuracy.set(e.accuracy);
+            self.metrics.training.test_loss.set(e.loss);
+        }
+        if let Some(distance) = consensus {
+            self.metrics.convergence.consensus_distance.set(distance);
+        }
+        let round_seconds = round_start.elapsed().as_secs_f64();
+        self.metrics.exchange.round_duration.observe(round_seconds);
 
         *self.counters.updates_dropped.entry("stale").or_default() += stale as u64;
         let record = RoundRecord {
@@ -317,7 +371,7 @@ impl Node {
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
-            round_seconds: round_start.elapsed().as_secs_f64(),
+            round_seconds,
             training_seconds,
             waiting_seconds,
             evaluation_seconds,
@@ -357,6 +411,9 @@ impl Node {
                 tracing::warn!(round, missing = ?waiting_for, "round deadline passed");
                 *self.counters.updates_dropped.entry("deadline").or_default() +=
                     waiting_for.len() as u64;
+                self.metrics
+                    .exchange
+                    .dropped("deadline", waiting_for.len() as u64);
                 break;
             }
             // Wake at least every 200 ms to notice a stop request.
@@ -408,6 +465,10 @@ impl Node {
         result: Result<Ack, network::NetworkError>,
         bytes: usize,
     ) {
+        if matches!(result, Ok(Ack::Applied | Ack::NeedKeyframe)) {
+            self.metrics.exchange.bytes_sent.inc_by(bytes as u64);
+            self.metrics.exchange.updates_sent.inc();
+        }
         match result {
             Ok(Ack::Applied) => self.counters.bytes_sent += bytes as u64,
             Ok(Ack::NeedKeyframe) => {
@@ -447,6 +508,7 @@ impl Node {
             .map(|n| (n.clone(), self.peers.get(n).and_then(|p| p.degree)))
             .collect();
         let weights = metropolis_hastings(self.live_degree().max(fresh.len()), &degrees);
+        self.metrics.exchange.set_weights(&weights.neighbours);
         let gamma = self.config.federation_spec.aggregation.consensus_step;
         let mut params = self.all_params();
         let used = self.gossip.mix(&mut params, &weights, gamma, oldest);
@@ -535,6 +597,11 @@ impl Node {
             NetworkEvent::Update { from, frame, reply } => {
                 self.counters.bytes_received += frame.len() as u64;
                 self.counters.updates_received += 1;
+                self.metrics
+                    .exchange
+                    .bytes_received
+                    .inc_by(frame.len() as u64);
+                self.metrics.exchange.updates_received.inc();
                 let ack = match codec::decode(&frame, &self.layout) {
                     Err(error) => {
                         tracing::warn!(peer = %from, %error, "rejected an update");
@@ -543,10 +610,12 @@ impl Node {
                             .updates_dropped
                             .entry(error.reason())
                             .or_default() += 1;
+                        self.metrics.exchange.dropped(error.reason(), 1);
                         Ack::Rejected(error.reason().to_string())
                     }
                     Ok(update) if update.header.sender != from => {
                         *self.counters.updates_dropped.entry("sender").or_default() += 1;
+                        self.metrics.exchange.dropped("sender", 1);
                         Ack::Rejected("sender".into())
                     }
                     Ok(update) => match self.gossip.receive(&from, update) {
@@ -564,6 +633,8 @@ impl Node {
             }
             NetworkEvent::Connected(peer) => {
                 self.connected.insert(peer.clone());
+                self.metrics.exchange.set_connected(&peer, true);
+                self.update_peering();
                 self.emit(NodeEvent::PeerConnected {
                     node: self.config.name.clone(),
                     peer,
@@ -572,14 +643,32 @@ impl Node {
             }
             NetworkEvent::Disconnected(peer) => {
                 self.connected.remove(&peer);
+                self.metrics.exchange.set_connected(&peer, false);
+                self.update_peering();
                 self.emit(NodeEvent::PeerDisconnected {
                     node: self.config.name.clone(),
                     peer,
                     round: self.round,
                 });
             }
-            NetworkEvent::StrangerRefused => self.counters.strangers_refused += 1,
+            NetworkEvent::StrangerRefused => {
+                self.counters.strangers_refused += 1;
+                self.metrics.exchange.dropped("stranger", 1);
+            }
         }
+    }
+
+    /// Keeps the connected-peers gauge and readiness in step with `connected`.
+    fn update_peering(&self) {
+        self.metrics
+            .exchange
+            .peers_connected
+            .set(self.connected.len() as i64);
+        let peered = self.partners.is_empty() || !self.connected.is_empty();
+        self.metrics
+            .readiness
+            .peered
+            .store(peered, Ordering::Relaxed);
     }
 
     async fn announce(&mut self, done: bool) {
@@ -671,6 +760,19 @@ async fn load_data(
         Ok((train, test))
     })
     .await?
+}
+
+/// L2 norm of the change from `before` to `after`, over all tensors together.
+fn update_norm(before: &[Tensor], after: &[Tensor]) -> f64 {
+    // A measurement, not part of training: no autograd graph.
+    tch::no_grad(|| {
+        before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| (a - b).square().sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt()
+    })
 }
 
 fn train_config(config: &NodeConfig) -> TrainConfig {

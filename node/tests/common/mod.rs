@@ -22,6 +22,8 @@ pub struct Federation<'a> {
     pub rounds: u64,
     pub local_steps: u64,
     pub compression: &'a str,
+    /// Consensus step (gamma) of the aggregation.
+    pub consensus_step: f64,
     pub deadline_seconds: f64,
     pub eval_every: u64,
 }
@@ -35,6 +37,7 @@ impl Default for Federation<'_> {
             rounds: 6,
             local_steps: 15,
             compression: "{kind: none}",
+            consensus_step: 1.0,
             deadline_seconds: 10.0,
             eval_every: 3,
         }
@@ -58,6 +61,7 @@ spec:
   optimizer: {{kind: adam, learningRate: 0.002, clipGradNorm: 5.0}}
   topology: {topology}
   exchange: {{roundDeadlineSeconds: {deadline}, compression: {compression}}}
+  aggregation: {{consensusStep: {gamma}}}
   partition: {{kind: dirichlet, alpha: 0.2, minPerNode: 100}}
   evaluation: {{everyRounds: {eval_every}, testLimit: 600}}
   nodeSelector: {{matchLabels: {{fed: {name}}}}}
@@ -68,6 +72,7 @@ spec:
             topology = self.topology,
             deadline = self.deadline_seconds,
             compression = self.compression,
+            gamma = self.consensus_step,
             eval_every = self.eval_every,
         );
         for i in 0..self.nodes {
