@@ -128,13 +128,6 @@ fn parse_header(
         .chunks_exact(4)
         .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
         .collect();
-    if words[0] != magic {
-        return Err(DataError::BadMagic {
-            path: path.to_path_buf(),
-            found: words[0],
-            expected: magic,
-        });
-    }
     Ok(words[1..].iter().map(|&w| w as usize).collect())
 }
 
