@@ -8,11 +8,13 @@
 mod federation;
 mod manifest;
 mod node;
+mod ranges;
 mod schema;
 
 pub use federation::*;
 pub use manifest::{Manifest, ManifestError};
 pub use node::*;
+pub use ranges::OutOfRange;
 
 /// API group of every EdgeSync resource.
 pub const GROUP: &str = "edgesync.dev";

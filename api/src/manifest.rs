@@ -52,6 +52,11 @@ pub enum ManifestError {
     DuplicateNode(String),
     #[error("{0:?} is missing metadata.name")]
     MissingName(String),
+    #[error("FederationRound {federation}: {}", join(.problems))]
+    OutOfRange {
+        federation: String,
+        problems: Vec<crate::OutOfRange>,
+    },
     #[error("FederationRound {federation}: spec.{source}")]
     Topology {
         federation: String,
@@ -102,6 +107,14 @@ impl Manifest {
             return Err(ManifestError::MissingName("FederationRound".into()));
         }
 
+        let problems = federation.spec.out_of_range();
+        if !problems.is_empty() {
+            return Err(ManifestError::OutOfRange {
+                federation: federation_name,
+                problems,
+            });
+        }
+
         let mut seen = BTreeSet::new();
         for node in &nodes {
             let name = node
@@ -139,6 +152,11 @@ impl Manifest {
             neighbours,
         })
     }
+}
+
+fn join(problems: &[crate::OutOfRange]) -> String {
+    let texts: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    texts.join("; ")
 }
 
 /// Deserialises one document, naming the exact field that failed.
@@ -217,6 +235,24 @@ spec:
         let text = FEDERATION.replace("rounds: 3", "rounds: three");
         let msg = Manifest::parse(&text).unwrap_err().to_string();
         assert!(msg.contains("spec.rounds"), "{msg}");
+    }
+
+    #[test]
+    fn values_out_of_range_are_all_named() {
+        let text = FEDERATION
+            .replace("rounds: 3", "rounds: 0")
+            .replace(
+                "topology: {kind: ring}",
+                "topology: {kind: ring}\n  exchange: {compression: {kind: quantized, bits: 12}}",
+            )
+            .replace("alpha: 0.5", "alpha: 0.0");
+        let msg = Manifest::parse(&format!("{text}{}", node("a", "demo")))
+            .unwrap_err()
+            .to_string();
+        for field in ["spec.rounds is 0", "spec.exchange.compression.bits is 12"] {
+            assert!(msg.contains(field), "{msg}");
+        }
+        assert!(msg.contains("spec.partition.alpha is 0"), "{msg}");
     }
 
     #[test]
