@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The seed prototype's experiment, side by side: the seed testbed federated (uncompressed
-# and top-k compressed), the same nodes training alone, and one model trained centrally on
-# all their data with the same total number of samples. Prints the summary table.
+# The seed prototype's experiment, side by side: the seed testbed federated (uncompressed,
+# 3-bit quantised and top-k compressed), the same nodes training alone, and one model
+# trained centrally on all their data with the same total number of samples. Prints the
+# summary table.
 #
-#   bench/seed-experiment.sh [OUT_DIR] [VARIANT ...]     variants: fed topk solo central
+#   bench/seed-experiment.sh [OUT_DIR] [VARIANT ...]     variants: fed quant topk solo central
 #
 # Takes about 10-15 minutes per variant on a 2-core machine; run it on an idle machine,
 # since round timings are part of the figures.
@@ -12,7 +13,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=$(realpath -m "${1:-$repo/runs/seed-experiment}")
 shift || true
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(fed topk solo central)
+[ ${#variants[@]} -gt 0 ] || variants=(fed quant topk solo central)
 
 data=$(realpath "$repo/../shared/data")
 node="$repo/target/release/dfl-node"
@@ -32,6 +33,9 @@ for variant in "${variants[@]}"; do
   rm -rf "${out:?}/$variant"
   case "$variant" in
     fed) "$node" local -f "$(manifest 's/^x//' fed)" --report-dir "$out/fed" ;;
+    quant)
+      "$node" local --report-dir "$out/quant" -f "$(manifest \
+        "s/      kind: none$/      kind: quantized\n      bits: 3/" quant)" ;;
     topk)
       "$node" local --report-dir "$out/topk" -f "$(manifest \
         "s/      kind: none$/      kind: topK\n      fraction: 0.1/; s/consensusStep: 1.0/consensusStep: 0.5/" topk)" ;;

@@ -16,7 +16,7 @@ def accuracy_at(rows, node, round_):
 
 print(f"{'variant':<8} {'r25 mean/min':>14} {'r50 mean/min':>14} {'r100 mean/min':>14} "
       f"{'MB/node/round':>14} {'not training':>13} {'excl. eval':>11}")
-for variant in ["fed", "topk", "solo"]:
+for variant in ["fed", "quant", "topk", "solo"]:
     path = os.path.join(out, variant, "report.json")
     if not os.path.exists(path):
         continue

@@ -215,6 +215,8 @@ pub enum CompressionKind {
     Int8,
     /// The largest-magnitude fraction of each tensor's entries.
     TopK,
+    /// `bits`-bit integers with a scale per block of 256 entries.
+    Quantized,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -226,6 +228,10 @@ pub struct CompressionSpec {
     #[serde(default = "default_topk_fraction")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub fraction: f64,
+    /// Bits per entry for `quantized`, 2 to 8; 3 bits cut bytes about tenfold.
+    #[serde(default = "default_quantized_bits")]
+    #[schemars(range(min = 2, max = 8))]
+    pub bits: u8,
 }
 
 impl Default for CompressionSpec {
@@ -233,12 +239,17 @@ impl Default for CompressionSpec {
         CompressionSpec {
             kind: CompressionKind::None,
             fraction: default_topk_fraction(),
+            bits: default_quantized_bits(),
         }
     }
 }
 
 fn default_topk_fraction() -> f64 {
     0.1
+}
+
+fn default_quantized_bits() -> u8 {
+    3
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -12,6 +12,10 @@
 //! - top-k: k u32, a f32 scale, then k indices as LEB128 varints of the gap to the previous
 //!   kept index (the first counts from 0), then k i8 values (value = i8 x scale); other
 //!   entries are zero. At 10% density this is about two bytes per kept entry.
+//! - quantised: bits u8 (2 to 8), a f32 scale per block of 256 entries, then every entry's
+//!   code packed into `bits` bits, least significant first; a code `c` stands for
+//!   `(c - L) x scale` with `L = 2^(bits-1) - 1`, so codes run from 0 to `2L`. At 3 bits
+//!   this is 3.125 bits per entry, about a tenth of fp32.
 //!
 //! Decoding checks every length against the frame and the receiver's model before it
 //! allocates, and rejects non-finite values, so a hostile or corrupt frame costs at most
@@ -36,7 +40,13 @@ pub enum Encoding {
     Int8,
     /// Keep this fraction of entries with the largest magnitude.
     TopK(f64),
+    /// Round every entry to one of `2^bits - 1` levels scaled per block.
+    Quantized(u8),
 }
+
+/// Entries that share one scale in the quantised encoding: small enough that one large
+/// value does not flatten a whole tensor to zero, large enough that scales cost little.
+const QUANT_BLOCK: usize = 256;
 
 impl Encoding {
     fn tag(self) -> u8 {
@@ -45,6 +55,7 @@ impl Encoding {
             Encoding::Fp16 => 1,
             Encoding::Int8 => 2,
             Encoding::TopK(_) => 3,
+            Encoding::Quantized(_) => 4,
         }
     }
 }
@@ -104,6 +115,8 @@ pub enum DecodeError {
     },
     #[error("parameter {0}: top-k indices out of range or not increasing")]
     BadIndices(String),
+    #[error("parameter {0}: quantised bit width or codes out of range")]
+    BadCodes(String),
     #[error("parameter {0} holds NaN or infinite values")]
     NonFinite(String),
     #[error("{0} bytes left over after the last tensor")]
@@ -121,7 +134,9 @@ impl DecodeError {
             DecodeError::TooLarge { .. } => "too_large",
             DecodeError::WrongFederation(_) => "federation",
             DecodeError::ShapeMismatch { .. } | DecodeError::Duplicate(_) => "shape",
-            DecodeError::PayloadLength { .. } | DecodeError::BadIndices(_) => "malformed",
+            DecodeError::PayloadLength { .. }
+            | DecodeError::BadIndices(_)
+            | DecodeError::BadCodes(_) => "malformed",
             DecodeError::NonFinite(_) => "non_finite",
             DecodeError::TrailingBytes(_) => "malformed",
         }
@@ -261,6 +276,52 @@ fn encode_values(values: &[f32], encoding: Encoding) -> (Vec<u8>, Vec<f32>) {
             }
             (payload, dense)
         }
+        Encoding::Quantized(bits) => quantize(values, bits.clamp(2, 8)),
+    }
+}
+
+/// The largest code magnitude at `bits` bits: codes are symmetric around zero.
+fn quant_levels(bits: u8) -> i32 {
+    (1 << (bits - 1)) - 1
+}
+
+fn quantize(values: &[f32], bits: u8) -> (Vec<u8>, Vec<f32>) {
+    let levels = quant_levels(bits);
+    let blocks = values.len().div_ceil(QUANT_BLOCK);
+    let mut payload =
+        Vec::with_capacity(1 + 4 * blocks + (values.len() * bits as usize).div_ceil(8));
+    payload.push(bits);
+    let mut dense = Vec::with_capacity(values.len());
+    let mut codes = Vec::with_capacity(values.len());
+    for block in values.chunks(QUANT_BLOCK) {
+        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = if max > 0.0 { max / levels as f32 } else { 1.0 };
+        payload.extend(scale.to_le_bytes());
+        for &v in block {
+            let q = ((v / scale).round() as i32).clamp(-levels, levels);
+            codes.push((q + levels) as u32);
+            dense.push(q as f32 * scale);
+        }
+    }
+    pack_bits(&codes, bits, &mut payload);
+    (payload, dense)
+}
+
+/// Appends `codes`, each `bits` wide, as a little-endian bit stream.
+fn pack_bits(codes: &[u32], bits: u8, out: &mut Vec<u8>) {
+    let mut buffer = 0u64;
+    let mut filled = 0u32;
+    for &code in codes {
+        buffer |= (code as u64) << filled;
+        filled += bits as u32;
+        while filled >= 8 {
+            out.push(buffer as u8);
+            buffer >>= 8;
+            filled -= 8;
+        }
+    }
+    if filled > 0 {
+        out.push(buffer as u8);
     }
 }
 
@@ -357,7 +418,7 @@ pub fn decode(bytes: &[u8], layout: &Layout) -> Result<Update, DecodeError> {
     }
     let flags = r.u8()?;
     let encoding_tag = r.u8()?;
-    if encoding_tag > 3 {
+    if encoding_tag > 4 {
         return Err(DecodeError::BadEncoding(encoding_tag));
     }
     let round = r.u64()?;
@@ -476,6 +537,7 @@ fn decode_values(
                 .map(|&q| q as i8 as f32 * scale)
                 .collect())
         }
+        4 => dequantize(name, payload, numel),
         _ => {
             if payload.len() < 8 {
                 return Err(length_error(8));
@@ -510,6 +572,52 @@ fn decode_values(
             Ok(dense)
         }
     }
+}
+
+fn dequantize(name: &str, payload: &[u8], numel: usize) -> Result<Vec<f32>, DecodeError> {
+    let malformed = || DecodeError::BadCodes(name.to_string());
+    let bits = *payload.first().ok_or(DecodeError::PayloadLength {
+        name: name.to_string(),
+        found: 0,
+        expected: 1,
+    })?;
+    if !(2..=8).contains(&bits) {
+        return Err(malformed());
+    }
+    let blocks = numel.div_ceil(QUANT_BLOCK);
+    let expected = 1 + 4 * blocks + (numel * bits as usize).div_ceil(8);
+    if payload.len() != expected {
+        return Err(DecodeError::PayloadLength {
+            name: name.to_string(),
+            found: payload.len(),
+            expected,
+        });
+    }
+    let levels = quant_levels(bits);
+    let scales: Vec<f32> = payload[1..1 + 4 * blocks]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    let mut stream = payload[1 + 4 * blocks..].iter();
+    let mut buffer = 0u64;
+    let mut filled = 0u32;
+    let mask = (1u64 << bits) - 1;
+    let mut dense = Vec::with_capacity(numel);
+    for i in 0..numel {
+        while filled < bits as u32 {
+            // The length check above guarantees enough bytes for every code.
+            buffer |= (*stream.next().ok_or_else(malformed)? as u64) << filled;
+            filled += 8;
+        }
+        let code = (buffer & mask) as i32;
+        buffer >>= bits;
+        filled -= bits as u32;
+        if code > 2 * levels {
+            return Err(malformed());
+        }
+        dense.push((code - levels) as f32 * scales[i / QUANT_BLOCK]);
+    }
+    Ok(dense)
 }
 
 #[cfg(test)]
@@ -560,6 +668,8 @@ mod tests {
             Encoding::Fp16,
             Encoding::Int8,
             Encoding::TopK(0.25),
+            Encoding::Quantized(3),
+            Encoding::Quantized(8),
         ] {
             let (frame, predicted) = encode(&header(), &params, encoding);
             let update = decode(&frame, &layout()).unwrap();
@@ -573,6 +683,8 @@ mod tests {
                     Encoding::Fp16 => 0.01,
                     Encoding::Int8 => 0.05,
                     Encoding::TopK(_) => f64::INFINITY,
+                    // Half a step of the largest block's scale (max |x| of randn < 5).
+                    Encoding::Quantized(bits) => 2.5 / quant_levels(bits) as f64,
                 };
                 assert!(max_error(got, original) <= tolerance, "{encoding:?} {name}");
             }
@@ -602,6 +714,50 @@ mod tests {
             sparse.len(),
             dense.len()
         );
+    }
+
+    #[test]
+    fn quantised_frames_are_a_tenth_of_fp32_and_codes_are_checked() {
+        let big = vec![(
+            "fc.weight".to_string(),
+            Tensor::randn([100, 100], (Kind::Float, Device::Cpu)),
+        )];
+        let big_layout = Layout::new("demo", "f00d", &big);
+        let (dense, _) = encode(&header(), &big, Encoding::Fp32);
+        let (three, _) = encode(&header(), &big, Encoding::Quantized(3));
+        assert!(
+            three.len() * 10 < dense.len(),
+            "{} vs {}",
+            three.len(),
+            dense.len()
+        );
+
+        // Each block keeps its own scale: a huge entry in the first block leaves the
+        // second block's small values representable.
+        let mut values = vec![0.01f32; 2 * QUANT_BLOCK];
+        values[0] = 1000.0;
+        let tensors = vec![("w".to_string(), Tensor::from_slice(&values))];
+        let small = Layout::new("demo", "f00d", &tensors);
+        let (frame, _) = encode(&header(), &tensors, Encoding::Quantized(3));
+        let got: Vec<f32> = Vec::try_from(&decode(&frame, &small).unwrap().tensors[0].1).unwrap();
+        assert_eq!(got[1], 0.0);
+        assert!((got[QUANT_BLOCK] - 0.01).abs() < 1e-6);
+
+        // At 2 bits the code 3 names no level; a frame carrying it is refused.
+        let (mut frame, _) = encode(&header(), &tensors, Encoding::Quantized(2));
+        let last = frame.len() - 1;
+        frame[last] = 0xff;
+        assert!(matches!(
+            decode(&frame, &small),
+            Err(DecodeError::BadCodes(_))
+        ));
+        let (mut frame, _) = encode(&header(), &big, Encoding::Quantized(3));
+        let bits_at = frame.len() - (1 + 4 * 40 + (10_000 * 3usize).div_ceil(8));
+        frame[bits_at] = 9;
+        assert!(matches!(
+            decode(&frame, &big_layout),
+            Err(DecodeError::BadCodes(_))
+        ));
     }
 
     #[test]

@@ -401,9 +401,11 @@ mod tests {
 
     #[test]
     fn compressed_gossip_converges_to_the_average() {
-        let out = gossip_rounds(&[0.0, 3.0, 9.0, 4.0], Encoding::TopK(0.25), 0.5, 60);
-        for v in &out {
-            assert!((v - 4.0).abs() < 0.05, "{out:?}");
+        for (encoding, gamma) in [(Encoding::TopK(0.25), 0.5), (Encoding::Quantized(3), 1.0)] {
+            let out = gossip_rounds(&[0.0, 3.0, 9.0, 4.0], encoding, gamma, 60);
+            for v in &out {
+                assert!((v - 4.0).abs() < 0.05, "{encoding:?}: {out:?}");
+            }
         }
     }
 

@@ -175,6 +175,7 @@ impl Node {
             CompressionKind::Fp16 => Encoding::Fp16,
             CompressionKind::Int8 => Encoding::Int8,
             CompressionKind::TopK => Encoding::TopK(exchange.compression.fraction),
+            CompressionKind::Quantized => Encoding::Quantized(exchange.compression.bits),
         };
         let checkpoint = config
             .state_dir
