@@ -128,6 +128,9 @@ pub struct DflNodeStatus {
     pub accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connected_peers: Option<u32>,
+    /// Why the node stopped, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Life cycle of a node in a federation.

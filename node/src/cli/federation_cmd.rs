@@ -8,14 +8,24 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
+use edgesync_api::NodePhase;
+
 use crate::federation::config::NodeConfig;
-use crate::federation::{launcher, runner};
+use crate::federation::launcher;
+use crate::federation::runner::{self, Outcome};
+use crate::status::{Pacing, StatusReporter};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Node configuration written by the launcher or the operator.
     #[arg(long, env = "EDGESYNC_CONFIG")]
     pub config: PathBuf,
+
+    /// Namespace of this node's DflNode. When set, the node reports its phase, round,
+    /// loss, accuracy and peers into the DflNode's status through the Kubernetes API, with
+    /// the pod's service account (or the kubeconfig outside a cluster).
+    #[arg(long, env = "EDGESYNC_NAMESPACE")]
+    pub status_namespace: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -51,7 +61,33 @@ pub fn run_node(args: RunArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let stop = Arc::new(AtomicBool::new(false));
         spawn_stop_on_signal(stop.clone())?;
-        runner::run(config, stop).await
+
+        let reporter = match &args.status_namespace {
+            Some(namespace) => {
+                let reporter = StatusReporter::connect(namespace, &config.name, Pacing::default())
+                    .await
+                    .with_context(|| format!("reporting status into DflNode {}", config.name))?;
+                Some(Arc::new(reporter))
+            }
+            None => None,
+        };
+        let hook = reporter.clone().map(|reporter| {
+            Box::new(move |event: &_| reporter.observe(event)) as runner::EventHook
+        });
+
+        let result = runner::run(config, stop, hook).await;
+
+        // The runner has dropped its hook, so this is the last reference. A node asked to
+        // stop keeps its phase: its pod is being replaced or removed, not done.
+        if let Some(reporter) = reporter.and_then(Arc::into_inner) {
+            let end = match &result {
+                Ok(Outcome::Completed) => Some((NodePhase::Succeeded, None)),
+                Ok(Outcome::Stopped) => None,
+                Err(error) => Some((NodePhase::Failed, Some(format!("{error:#}")))),
+            };
+            reporter.finish(end).await;
+        }
+        result.map(|_| ())
     })
 }
 

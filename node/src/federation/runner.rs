@@ -34,6 +34,9 @@ use crate::optim::{OptimizerConfig, OptimizerKind};
 use crate::train::{TrainConfig, Trainer};
 use crate::web;
 
+/// Called with every progress event the node prints, e.g. to report it to the cluster.
+pub type EventHook = Box<dyn Fn(&NodeEvent) + Send + Sync>;
+
 /// How long a node waits at start-up to hear which round its neighbours are at.
 const JOIN_WAIT: Duration = Duration::from_secs(5);
 
@@ -89,25 +92,49 @@ struct Node {
     metrics: Arc<NodeMetrics>,
     /// The metrics endpoint, when the configuration asks for one.
     server: Option<web::Server>,
+    hook: Option<EventHook>,
 }
 
-/// Runs the node described by `config` until its last round, or until `stop` is set.
-pub async fn run(config: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let mut node = Node::start(config, stop).await?;
+/// How a node's run ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every round of the federation ran.
+    Completed,
+    /// Asked to stop before the last round; the checkpoint lets it resume.
+    Stopped,
+}
+
+/// Runs the node described by `config` until its last round, or until `stop` is set;
+/// `hook` sees every progress event.
+pub async fn run(
+    config: NodeConfig,
+    stop: Arc<AtomicBool>,
+    hook: Option<EventHook>,
+) -> anyhow::Result<Outcome> {
+    let mut node = Node::start(config, stop, hook).await?;
     node.join_current_round().await;
     let rounds = node.config.federation_spec.rounds;
     while node.round <= rounds && !node.stop.load(Ordering::Relaxed) {
         node.run_round().await?;
     }
+    let outcome = if node.round > rounds {
+        Outcome::Completed
+    } else {
+        Outcome::Stopped
+    };
     node.linger().await;
     if let Some(server) = node.server.take() {
         server.stop().await;
     }
-    Ok(())
+    Ok(outcome)
 }
 
 impl Node {
-    async fn start(config: NodeConfig, stop: Arc<AtomicBool>) -> anyhow::Result<Node> {
+    async fn start(
+        config: NodeConfig,
+        stop: Arc<AtomicBool>,
+        hook: Option<EventHook>,
+    ) -> anyhow::Result<Node> {
         let device = crate::device::select(config.threads);
         let me = config
             .me()
@@ -209,6 +236,7 @@ impl Node {
             stop,
             metrics,
             server,
+            hook,
             config,
         };
         node.update_peering();
@@ -702,6 +730,9 @@ impl Node {
     }
 
     fn emit(&self, event: NodeEvent) {
+        if let Some(hook) = &self.hook {
+            hook(&event);
+        }
         if let Ok(line) = serde_json::to_string(&event) {
             println!("{line}");
         }
