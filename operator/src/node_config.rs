@@ -12,6 +12,7 @@ use edgesync_api::{DatasetFormat, DflNodeSpec, FederationRound, FederationRoundS
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 
+use crate::federation::pod::METRICS_PORT;
 use crate::identity::Identity;
 use crate::names::{self, IDENTITY_DIR, IDENTITY_KEY, P2P_PORT, STATE_DIR};
 use crate::validate::Plan;
@@ -35,6 +36,10 @@ pub struct NodeConfig {
     /// libtorch CPU threads; absent keeps libtorch's default.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Address the node serves `/metrics`, `/healthz` and `/readyz` on. Absent in the
+    /// configurations of runs started by earlier operators, whose nodes serve none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
 }
 
 /// What a node knows about one member.
@@ -135,6 +140,9 @@ pub fn build(
                 members,
                 state_dir: STATE_DIR.to_string(),
                 threads: None,
+                // All interfaces: the kubelet's probes and Prometheus come from outside the
+                // pod's network namespace.
+                metrics_address: Some(format!("0.0.0.0:{METRICS_PORT}")),
             }
         })
         .collect();

@@ -18,6 +18,7 @@ use edgesync_operator::settings::{NodePodSettings, StateVolume};
 use edgesync_operator::validate::{self, Invalid, Member, Plan};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 fn owner() -> OwnerReference {
@@ -207,6 +208,44 @@ fn containers_run_unprivileged_on_a_read_only_root() {
 }
 
 #[test]
+fn node_pods_serve_metrics_on_a_named_port_that_the_kubelet_probes() {
+    let spec = pod_spec(
+        &mk_node("a", "cpu", "akida-cnn"),
+        &NodePodSettings::default(),
+    );
+    let c = &spec.containers[0];
+    let ports: Vec<(Option<&str>, i32)> = c
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.as_deref(), p.container_port))
+        .collect();
+    assert_eq!(ports, [(Some("p2p"), 7400), (Some("metrics"), 9400)]);
+    for (probe, path) in [
+        (&c.readiness_probe, "/readyz"),
+        (&c.liveness_probe, "/healthz"),
+    ] {
+        let get = probe.as_ref().unwrap().http_get.clone().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.port, IntOrString::String("metrics".into()));
+    }
+
+    let service = objects::service(&mk_federation("{kind: ring}"), NS, &owner());
+    let ports: Vec<(Option<&str>, i32)> = service
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.as_deref(), p.port))
+        .collect();
+    assert_eq!(ports, [(Some("p2p"), 7400), (Some("metrics"), 9400)]);
+}
+
+#[test]
 fn a_member_may_patch_only_its_own_status() {
     let (account, role, binding) = objects::rbac(FED, "a", NS, &owner());
     let rules = role.rules.unwrap();
@@ -307,9 +346,12 @@ fn configuration_yaml_has_the_keys_the_node_reads() {
             "listen",
             "members",
             "stateDir",
-            "threads"
+            "threads",
+            "metricsAddress"
         ]
     );
+    // The node parses this as a socket address and serves on every interface.
+    assert_eq!(value["metricsAddress"], "0.0.0.0:9400");
     let member: Vec<&str> = value["members"][0]
         .as_mapping()
         .unwrap()
@@ -329,6 +371,12 @@ fn configuration_yaml_has_the_keys_the_node_reads() {
     );
     assert_eq!(value["members"][0]["model"]["inChannels"], 3);
     assert_eq!(NodeConfig::from_yaml(&yaml).unwrap(), configs[0]);
+
+    // Configurations of runs started before nodes served metrics still parse.
+    let mut old = value.clone();
+    old.as_mapping_mut().unwrap().remove("metricsAddress");
+    let old = NodeConfig::from_yaml(&serde_yaml::to_string(&old).unwrap()).unwrap();
+    assert_eq!(old.metrics_address, None);
 }
 
 fn secret_of(identity: &Identity, node: &str) -> Secret {

@@ -3,28 +3,20 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::{mk_federation, mk_node, mock_client, ApiServer, FED, NS, WAIT};
-use edgesync_api::{DflNode, DflNodeStatus, NodePhase};
+use common::{
+    json_of, lists, mk_federation, mk_node, mock_client, running_pod, started, ApiServer,
+    CONFIG_MAPS, NODES, PODS, SECRETS, STATUS, WAIT,
+};
+use edgesync_api::{DflNodeStatus, NodePhase};
 use edgesync_operator::context::Context;
-use edgesync_operator::federation::{self, objects, Outcome};
-use edgesync_operator::identity::Identity;
+use edgesync_operator::federation::{self, Outcome};
 use edgesync_operator::metrics::Metrics;
-use edgesync_operator::node_config;
 use edgesync_operator::settings::NodePodSettings;
-use edgesync_operator::validate;
 use http::Method;
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::runtime::controller::Action;
-use serde_json::{json, Value};
-
-const NODES: &str = "/apis/edgesync.dev/v1alpha1/namespaces/lab/dflnodes";
-const CONFIG_MAPS: &str = "/api/v1/namespaces/lab/configmaps";
-const SECRETS: &str = "/api/v1/namespaces/lab/secrets";
-const PODS: &str = "/api/v1/namespaces/lab/pods";
-const STATUS: &str = "/apis/edgesync.dev/v1alpha1/namespaces/lab/federationrounds/fed/status";
+use serde_json::json;
 
 fn context(client: kube::Client) -> Arc<Context> {
     let metrics = Arc::new(Metrics::new().unwrap());
@@ -34,13 +26,6 @@ fn context(client: kube::Client) -> Arc<Context> {
         metrics,
         Some("test".into()),
     ))
-}
-
-fn json_of<T: serde::Serialize>(objects: &[T]) -> Vec<Value> {
-    objects
-        .iter()
-        .map(|o| serde_json::to_value(o).unwrap())
-        .collect()
 }
 
 /// Runs one reconciliation against `script`, failing if either side takes too long.
@@ -63,27 +48,6 @@ where
     outcome
 }
 
-/// The four lists every reconciliation starts with.
-async fn lists(
-    server: &mut ApiServer,
-    nodes: Vec<Value>,
-    config_maps: Vec<Value>,
-    secrets: Vec<Value>,
-    pods: Vec<Value>,
-) {
-    let query = server.expect_list(NODES, "DflNode", nodes).await;
-    assert!(query.contains("labelSelector=federation%3Dfed"), "{query}");
-    let owned = "labelSelector=edgesync.dev%2Ffederation-round%3Dfed";
-    for (path, kind, items) in [
-        (CONFIG_MAPS, "ConfigMap", config_maps),
-        (SECRETS, "Secret", secrets),
-        (PODS, "Pod", pods),
-    ] {
-        let query = server.expect_list(path, kind, items).await;
-        assert!(query.contains(owned), "{path}: {query}");
-    }
-}
-
 #[tokio::test]
 async fn a_new_federation_creates_exactly_the_expected_objects() {
     let nodes = vec![
@@ -93,9 +57,10 @@ async fn a_new_federation_creates_exactly_the_expected_objects() {
     let outcome = scenario(mk_federation("{kind: ring}"), move |mut server| {
         Box::pin(async move {
             lists(&mut server, json_of(&nodes), vec![], vec![], vec![]).await;
-            server
+            let service = server
                 .expect_apply("/api/v1/namespaces/lab/services/fed-p2p", "Service")
                 .await;
+            assert_eq!(service["spec"]["ports"][1]["name"], "metrics", "{service}");
             for node in ["a", "b"] {
                 let path = format!("{SECRETS}/fed-{node}-identity");
                 let secret = server.expect_apply(&path, "Secret").await;
@@ -109,6 +74,7 @@ async fn a_new_federation_creates_exactly_the_expected_objects() {
                     text.contains("fed-a.fed-p2p.lab.svc.cluster.local"),
                     "{text}"
                 );
+                assert!(text.contains("metricsAddress: 0.0.0.0:9400"), "{text}");
             }
             let rbac = "/apis/rbac.authorization.k8s.io/v1/namespaces/lab";
             for (node, device) in [("a", "nvidia.com/gpu"), ("b", "brainchip.com/akida")] {
@@ -122,8 +88,10 @@ async fn a_new_federation_creates_exactly_the_expected_objects() {
                     .expect_apply(&format!("{rbac}/rolebindings/{name}"), "RoleBinding")
                     .await;
                 let pod = server.expect_apply(&format!("{PODS}/{name}"), "Pod").await;
-                let limits = &pod["spec"]["containers"][0]["resources"]["limits"];
-                assert_eq!(limits[device], "1", "{pod}");
+                let container = &pod["spec"]["containers"][0];
+                assert_eq!(container["resources"]["limits"][device], "1", "{pod}");
+                assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+                assert_eq!(container["livenessProbe"]["httpGet"]["port"], "metrics");
             }
             let status = server.expect(Method::PATCH, STATUS).await;
             status.assert_apply("FederationRound");
@@ -174,61 +142,6 @@ async fn an_invalid_spec_yields_a_condition_an_event_and_no_pods() {
     assert_eq!(outcome.action, Action::await_change());
     assert_eq!(outcome.pods_created, 0);
     assert_eq!(outcome.problems.len(), 1);
-}
-
-/// The objects of a run already started for nodes `a` and `b`.
-struct Started {
-    nodes: Vec<DflNode>,
-    config_maps: Vec<Value>,
-    secrets: Vec<Value>,
-}
-
-fn started() -> Started {
-    let fed = mk_federation("{kind: ring}");
-    let owner = objects::owner_reference(&fed).unwrap();
-    let nodes = vec![
-        mk_node("a", "jetson", "jetson-cnn"),
-        mk_node("b", "jetson", "jetson-cnn"),
-    ];
-    let plan = validate::federation(&fed, &nodes).unwrap();
-    let ids: BTreeMap<String, Identity> = [("a", 1u8), ("b", 2)]
-        .into_iter()
-        .map(|(n, s)| (n.to_string(), Identity::from_seed([s; 32]).unwrap()))
-        .collect();
-    let configs = node_config::build(&fed, NS, &plan, &ids, "cluster.local").unwrap();
-    let config_maps = configs
-        .iter()
-        .map(|c| objects::config_map(NS, c, None, &owner).unwrap())
-        .collect::<Vec<_>>();
-    let secrets = ids
-        .iter()
-        .map(|(n, id)| objects::identity_secret(FED, n, NS, id, &owner))
-        .collect::<Vec<_>>();
-    Started {
-        nodes,
-        config_maps: json_of(&config_maps),
-        secrets: json_of(&secrets),
-    }
-}
-
-fn running_pod(node: &str, phase: &str) -> Value {
-    let fed = mk_federation("{kind: ring}");
-    let owner = objects::owner_reference(&fed).unwrap();
-    let mut pod = Pod {
-        metadata: kube::core::ObjectMeta {
-            name: Some(format!("{FED}-{node}")),
-            namespace: Some(NS.into()),
-            labels: Some(edgesync_operator::names::member_labels(FED, node)),
-            owner_references: Some(vec![owner]),
-            ..Default::default()
-        },
-        ..Pod::default()
-    };
-    pod.status = Some(PodStatus {
-        phase: Some(phase.into()),
-        ..PodStatus::default()
-    });
-    serde_json::to_value(pod).unwrap()
 }
 
 #[tokio::test]

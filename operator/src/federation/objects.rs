@@ -1,6 +1,7 @@
-//! Builders of a run's objects other than pods: the headless Service, each member's
-//! ConfigMap and identity Secret, and the ServiceAccount, Role and RoleBinding that let the
-//! member's pod report into its own `DflNode` status and nothing else. All pure.
+//! Builders of a run's objects other than pods: the headless Service (peer and metrics
+//! ports), each member's ConfigMap and identity Secret, and the ServiceAccount, Role and
+//! RoleBinding that let the member's pod report into its own `DflNode` status and nothing
+//! else. All pure.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::ByteString;
 use kube::{Resource, ResourceExt};
 
+use crate::federation::pod::{METRICS_PORT, METRICS_PORT_NAME};
 use crate::identity::Identity;
 use crate::names::{self, ANNOTATION_DATA_CLAIM, ANNOTATION_PEER_ID, CONFIG_KEY, IDENTITY_KEY};
 use crate::node_config::NodeConfig;
@@ -74,12 +76,22 @@ pub fn service(fed: &FederationRound, namespace: &str, owner: &OwnerReference) -
             // Members dial each other while starting, before any readiness: their DNS
             // records must exist as soon as the pods have addresses.
             publish_not_ready_addresses: Some(true),
-            ports: Some(vec![ServicePort {
-                name: Some("p2p".into()),
-                port: names::P2P_PORT,
-                protocol: Some("TCP".into()),
-                ..ServicePort::default()
-            }]),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("p2p".into()),
+                    port: names::P2P_PORT,
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                },
+                // Lets a ServiceMonitor, or anyone resolving the pods' DNS names, reach
+                // each member's metrics.
+                ServicePort {
+                    name: Some(METRICS_PORT_NAME.into()),
+                    port: METRICS_PORT,
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                },
+            ]),
             ..ServiceSpec::default()
         }),
         ..Service::default()

@@ -1,18 +1,25 @@
 //! The pod of one member: pinned to its device's host, requesting the device through its
 //! plugin, reading its data read-only from the host and writing checkpoints to its own
-//! volume, as an unprivileged user on a read-only root filesystem. Pure.
+//! volume, as an unprivileged user on a read-only root filesystem, serving its metrics and
+//! health endpoints on a named port the kubelet probes. Pure.
+//!
+//! NB: the probes assume the node's configuration names the metrics address, which
+//! configurations written by operators before it did lack. A pod recreated for such a run
+//! fails its liveness probe and restarts until the run is started anew.
 
 use std::collections::BTreeMap;
 
 use edgesync_api::{Hardware, NodeResources};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Toleration, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Toleration, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::names::{self, CONFIG_DIR, CONFIG_KEY, IDENTITY_DIR, P2P_PORT, STATE_DIR};
 use crate::settings::{NodePodSettings, StateVolume};
@@ -25,6 +32,11 @@ pub const DEDICATED_TAINT: &str = "edgesync.dev/dedicated";
 const GRACE_SECONDS: i64 = 120;
 /// Secret files readable by the pod's group (the node user's fsGroup), not by others.
 const SECRET_MODE: i32 = 0o440;
+/// TCP port a node serves `/metrics`, `/healthz` and `/readyz` on; the operator writes it
+/// into every node's configuration.
+pub const METRICS_PORT: i32 = 9400;
+/// Name of the metrics port, which probes, the headless Service and monitors refer to.
+pub const METRICS_PORT_NAME: &str = "metrics";
 
 /// The extended resource a member's pod requests, if its hardware needs one.
 pub fn device_resource(hardware: Hardware, settings: &NodePodSettings) -> Option<&str> {
@@ -86,12 +98,28 @@ pub fn pod(
             format!("{CONFIG_DIR}/{CONFIG_KEY}"),
         ]),
         env: Some(env),
-        ports: Some(vec![ContainerPort {
-            name: Some("p2p".into()),
-            container_port: P2P_PORT,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("p2p".into()),
+                container_port: P2P_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some(METRICS_PORT_NAME.into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // Ready once data is loaded, the model built, the node listening and a peer
+        // connected (or none expected); the headless Service publishes addresses before
+        // that anyway, so readiness only informs, it never keeps peers apart.
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        // /healthz answers from the node's async runtime while training runs beside it,
+        // so only a hung process fails it; a minute of failures allows for a board
+        // saturated by a training step.
+        liveness_probe: Some(probe("/healthz", 10, 6)),
         resources: Some(resources(spec.resources.as_ref(), device)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -152,6 +180,22 @@ pub fn pod(
             ..PodSpec::default()
         }),
         ..Pod::default()
+    }
+}
+
+/// An HTTP probe of the metrics port. The node serves it before it loads its data, so no
+/// start-up delay is needed.
+fn probe(path: &str, period_seconds: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(METRICS_PORT_NAME.into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_seconds),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
     }
 }
 

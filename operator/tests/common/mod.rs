@@ -3,11 +3,17 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use edgesync_api::{DflNode, FederationRound};
+use edgesync_operator::federation::objects;
+use edgesync_operator::identity::Identity;
+use edgesync_operator::node_config;
+use edgesync_operator::validate;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::client::Body;
 use kube::Client;
 use serde_json::{json, Value};
@@ -56,6 +62,98 @@ spec:
 "#
     );
     serde_yaml::from_str(&text).expect("node fixture")
+}
+
+/// Paths the reconcilers call in namespace `lab`.
+pub const NODES: &str = "/apis/edgesync.dev/v1alpha1/namespaces/lab/dflnodes";
+pub const CONFIG_MAPS: &str = "/api/v1/namespaces/lab/configmaps";
+pub const SECRETS: &str = "/api/v1/namespaces/lab/secrets";
+pub const PODS: &str = "/api/v1/namespaces/lab/pods";
+pub const STATUS: &str = "/apis/edgesync.dev/v1alpha1/namespaces/lab/federationrounds/fed/status";
+
+/// Objects as the API server would send them.
+pub fn json_of<T: serde::Serialize>(objects: &[T]) -> Vec<Value> {
+    objects
+        .iter()
+        .map(|o| serde_json::to_value(o).unwrap())
+        .collect()
+}
+
+/// The four lists every reconciliation starts with.
+pub async fn lists(
+    server: &mut ApiServer,
+    nodes: Vec<Value>,
+    config_maps: Vec<Value>,
+    secrets: Vec<Value>,
+    pods: Vec<Value>,
+) {
+    let query = server.expect_list(NODES, "DflNode", nodes).await;
+    assert!(query.contains("labelSelector=federation%3Dfed"), "{query}");
+    let owned = "labelSelector=edgesync.dev%2Ffederation-round%3Dfed";
+    for (path, kind, items) in [
+        (CONFIG_MAPS, "ConfigMap", config_maps),
+        (SECRETS, "Secret", secrets),
+        (PODS, "Pod", pods),
+    ] {
+        let query = server.expect_list(path, kind, items).await;
+        assert!(query.contains(owned), "{path}: {query}");
+    }
+}
+
+/// The objects of a run already started for nodes `a` and `b`.
+pub struct Started {
+    pub nodes: Vec<DflNode>,
+    pub config_maps: Vec<Value>,
+    pub secrets: Vec<Value>,
+}
+
+pub fn started() -> Started {
+    let fed = mk_federation("{kind: ring}");
+    let owner = objects::owner_reference(&fed).unwrap();
+    let nodes = vec![
+        mk_node("a", "jetson", "jetson-cnn"),
+        mk_node("b", "jetson", "jetson-cnn"),
+    ];
+    let plan = validate::federation(&fed, &nodes).unwrap();
+    let ids: BTreeMap<String, Identity> = [("a", 1u8), ("b", 2)]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), Identity::from_seed([s; 32]).unwrap()))
+        .collect();
+    let configs = node_config::build(&fed, NS, &plan, &ids, "cluster.local").unwrap();
+    let config_maps = configs
+        .iter()
+        .map(|c| objects::config_map(NS, c, None, &owner).unwrap())
+        .collect::<Vec<_>>();
+    let secrets = ids
+        .iter()
+        .map(|(n, id)| objects::identity_secret(FED, n, NS, id, &owner))
+        .collect::<Vec<_>>();
+    Started {
+        nodes,
+        config_maps: json_of(&config_maps),
+        secrets: json_of(&secrets),
+    }
+}
+
+/// A member pod of the run in `phase`.
+pub fn running_pod(node: &str, phase: &str) -> Value {
+    let fed = mk_federation("{kind: ring}");
+    let owner = objects::owner_reference(&fed).unwrap();
+    let mut pod = Pod {
+        metadata: kube::core::ObjectMeta {
+            name: Some(format!("{FED}-{node}")),
+            namespace: Some(NS.into()),
+            labels: Some(edgesync_operator::names::member_labels(FED, node)),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        ..Pod::default()
+    };
+    pod.status = Some(PodStatus {
+        phase: Some(phase.into()),
+        ..PodStatus::default()
+    });
+    serde_json::to_value(pod).unwrap()
 }
 
 /// The client side of a mock API server, and the server side to script.
