@@ -114,6 +114,8 @@ pub struct ExchangeMetrics {
     pub peers_connected: IntGauge,
     mixing_weight: GaugeVec,
     neighbour_connected: IntGaugeVec,
+    connections: IntCounterVec,
+    disconnections: IntCounterVec,
     /// Neighbours the per-neighbour series may name: the member list, fixed at start.
     neighbours: Vec<String>,
 }
@@ -159,6 +161,23 @@ impl ExchangeMetrics {
                 ),
                 &["neighbour"],
             )?,
+            // Counters, not only the gauge above: a neighbour that drops and comes back
+            // between two scrapes leaves the gauge unchanged but still counts here, which
+            // is what the dashboard's disconnection annotations read.
+            connections: IntCounterVec::new(
+                Opts::new(
+                    "neighbour_connections_total",
+                    "Times a neighbour became connected after having no connection.",
+                ),
+                &["neighbour"],
+            )?,
+            disconnections: IntCounterVec::new(
+                Opts::new(
+                    "neighbour_disconnections_total",
+                    "Times a neighbour's last connection closed.",
+                ),
+                &["neighbour"],
+            )?,
             neighbours: neighbours.to_vec(),
         };
         // Series present from the start let rate() and alerts work before the first event.
@@ -168,6 +187,8 @@ impl ExchangeMetrics {
         for n in neighbours {
             m.mixing_weight.with_label_values(&[n]);
             m.neighbour_connected.with_label_values(&[n]);
+            m.connections.with_label_values(&[n]);
+            m.disconnections.with_label_values(&[n]);
         }
         registry.register(Box::new(m.bytes_sent.clone()))?;
         registry.register(Box::new(m.bytes_received.clone()))?;
@@ -180,6 +201,8 @@ impl ExchangeMetrics {
         registry.register(Box::new(m.peers_connected.clone()))?;
         registry.register(Box::new(m.mixing_weight.clone()))?;
         registry.register(Box::new(m.neighbour_connected.clone()))?;
+        registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.disconnections.clone()))?;
         Ok(m)
     }
 
@@ -201,12 +224,24 @@ impl ExchangeMetrics {
         }
     }
 
+    /// Records that `peer` is now connected or not; a change is also counted as a
+    /// connection or disconnection. Peers outside the member list are not graphed.
     pub fn set_connected(&self, peer: &str, connected: bool) {
-        if self.neighbours.iter().any(|n| n == peer) {
-            self.neighbour_connected
-                .with_label_values(&[peer])
-                .set(i64::from(connected));
+        if !self.neighbours.iter().any(|n| n == peer) {
+            return;
         }
+        let state = self.neighbour_connected.with_label_values(&[peer]);
+        // Only changes count, so a repeated report cannot invent an event.
+        if state.get() == i64::from(connected) {
+            return;
+        }
+        state.set(i64::from(connected));
+        let events = if connected {
+            &self.connections
+        } else {
+            &self.disconnections
+        };
+        events.with_label_values(&[peer]).inc();
     }
 }
 
@@ -359,6 +394,9 @@ pub(crate) mod tests {
         m.exchange
             .set_weights(&BTreeMap::from([("node-1".to_string(), 0.25)]));
         m.exchange.set_connected("node-1", true);
+        m.exchange.set_connected("node-2", true);
+        m.exchange.set_connected("node-2", false);
+        m.exchange.set_connected("node-2", false);
         m.exchange.set_connected("stranger", true);
         m.convergence.update_norm.set(0.1);
         m
@@ -417,6 +455,26 @@ pub(crate) mod tests {
                 "edgesync_neighbour_connected",
                 with(("neighbour", "node-1")).to_vec(),
                 1.0,
+            ),
+            (
+                "edgesync_neighbour_connected",
+                with(("neighbour", "node-2")).to_vec(),
+                0.0,
+            ),
+            (
+                "edgesync_neighbour_connections_total",
+                with(("neighbour", "node-2")).to_vec(),
+                1.0,
+            ),
+            (
+                "edgesync_neighbour_disconnections_total",
+                with(("neighbour", "node-2")).to_vec(),
+                1.0,
+            ),
+            (
+                "edgesync_neighbour_disconnections_total",
+                with(("neighbour", "node-1")).to_vec(),
+                0.0,
             ),
             (
                 "edgesync_local_training_duration_seconds_count",
