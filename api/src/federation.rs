@@ -153,6 +153,11 @@ pub enum AggregationRule {
     /// Gossip averaging with Metropolis-Hastings weights.
     #[default]
     MetropolisHastings,
+    /// Metropolis-Hastings averaging with each neighbour's difference clipped to a radius
+    /// taken from the distances seen in recent rounds (ClippedGossip, He, Karimireddy and
+    /// Jaggi, 2022): a neighbour sending anything at all moves a node by at most its weight
+    /// times that radius.
+    ClippedGossip,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -165,6 +170,11 @@ pub struct AggregationSpec {
     #[serde(default = "default_consensus_step")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub consensus_step: f64,
+    /// For `clippedGossip`: the clipping radius as a multiple of the median neighbour
+    /// distance of recent rounds.
+    #[serde(default = "default_clip_factor")]
+    #[schemars(range(min = 0.0))]
+    pub clip_factor: f64,
 }
 
 impl Default for AggregationSpec {
@@ -172,11 +182,16 @@ impl Default for AggregationSpec {
         AggregationSpec {
             rule: AggregationRule::default(),
             consensus_step: default_consensus_step(),
+            clip_factor: default_clip_factor(),
         }
     }
 }
 
 fn default_consensus_step() -> f64 {
+    1.0
+}
+
+fn default_clip_factor() -> f64 {
     1.0
 }
 

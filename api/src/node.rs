@@ -35,6 +35,36 @@ pub struct DflNodeSpec {
     /// CPU and memory for the node's pod, as Kubernetes quantities.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<NodeResources>,
+    /// For robustness experiments only: the node trains normally but publishes corrupted
+    /// models, as a faulty or hostile member would. Never set on a real device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub misbehaviour: Option<Misbehaviour>,
+}
+
+/// How a misbehaving node corrupts the model it publishes to its neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Misbehaviour {
+    pub kind: MisbehaviourKind,
+    /// Strength of the corruption; see each kind.
+    #[serde(default = "default_misbehaviour_scale")]
+    #[schemars(range(min = 0.0))]
+    pub scale: f64,
+}
+
+fn default_misbehaviour_scale() -> f64 {
+    10.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MisbehaviourKind {
+    /// Publishes its change since the last round multiplied by `scale`.
+    Scaled,
+    /// Publishes its change multiplied by `-scale`.
+    SignFlip,
+    /// Publishes Gaussian noise `scale` times the size of its change.
+    Random,
 }
 
 /// Kinds of edge hardware.

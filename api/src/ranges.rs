@@ -67,6 +67,14 @@ impl FederationRoundSpec {
             "greater than 0 and at most 1",
         );
 
+        let factor = self.aggregation.clip_factor;
+        check(
+            factor.is_finite() && factor > 0.0,
+            "aggregation.clipFactor",
+            factor.to_string(),
+            "a finite number greater than 0",
+        );
+
         let exchange = &self.exchange;
         let deadline = exchange.round_deadline_seconds;
         check(

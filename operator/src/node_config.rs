@@ -186,6 +186,7 @@ mod tests {
             },
             placement: Placement::default(),
             resources: None,
+            misbehaviour: None,
         }
     }
 

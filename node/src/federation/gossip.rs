@@ -14,7 +14,7 @@
 //! message, restarted, or never heard from the sender) answers that it needs a keyframe,
 //! and the sender then sends its whole public estimate once, uncompressed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use tch::{Kind, Tensor};
 
@@ -52,6 +52,22 @@ pub struct GossipState {
     initial: Vec<Tensor>,
     index: HashMap<String, usize>,
     pub neighbours: BTreeMap<String, Estimate>,
+    /// Neighbour distances `|x̂_j - x̂_i|` of recent mixing steps, newest last, from which
+    /// clipped mixing takes its radius.
+    recent_distances: VecDeque<f64>,
+}
+
+/// Distances remembered for the clipping radius: a few rounds of a typical neighbourhood,
+/// so that one round in which many neighbours jump does not move the radius with them.
+const RECENT_DISTANCES: usize = 32;
+
+/// How [`GossipState::mix`] treats each neighbour's difference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mixing {
+    /// Plain weighted averaging.
+    Average,
+    /// Each difference clipped to this multiple of the median recent distance.
+    Clipped { factor: f64 },
 }
 
 impl GossipState {
@@ -80,6 +96,7 @@ impl GossipState {
             public,
             public_version: 0,
             neighbours: BTreeMap::new(),
+            recent_distances: VecDeque::with_capacity(RECENT_DISTANCES),
         }
     }
 
@@ -185,15 +202,17 @@ impl GossipState {
         }
     }
 
-    /// Moves `params` toward the neighbours' estimates: `x += gamma sum_j w_j (x̂_j - x̂)`.
-    /// Neighbours not in sync, or last heard from before `oldest_round`, are left out,
-    /// and their weight stays with the node. Returns the neighbours used.
+    /// Moves `params` toward the neighbours' estimates: `x += gamma sum_j w_j (x̂_j - x̂)`,
+    /// each difference first clipped when `mixing` says so. Neighbours not in sync, or
+    /// last heard from before `oldest_round`, are left out, and their weight stays with
+    /// the node. Returns the neighbours used.
     pub fn mix(
-        &self,
+        &mut self,
         params: &mut [Tensor],
         weights: &Weights,
         gamma: f64,
         oldest_round: u64,
+        mixing: Mixing,
     ) -> Vec<String> {
         let used: Vec<(&String, &Estimate, f64)> = weights
             .neighbours
@@ -204,14 +223,44 @@ impl GossipState {
                 (e.in_sync && fresh).then_some((name, e, w))
             })
             .collect();
+
+        // Clipping scales a whole difference down to the radius, keeping its direction.
+        let scales: Vec<f64> = match mixing {
+            Mixing::Average => vec![1.0; used.len()],
+            Mixing::Clipped { factor } => {
+                let distances: Vec<f64> = used
+                    .iter()
+                    .map(|(_, e, _)| distance(&e.values, &self.public))
+                    .collect();
+                let mut history: Vec<f64> = self
+                    .recent_distances
+                    .iter()
+                    .chain(&distances)
+                    .copied()
+                    .filter(|d| d.is_finite())
+                    .collect();
+                let radius = factor * median(&mut history).unwrap_or(f64::INFINITY);
+                for &d in &distances {
+                    if self.recent_distances.len() == RECENT_DISTANCES {
+                        self.recent_distances.pop_front();
+                    }
+                    self.recent_distances.push_back(d);
+                }
+                distances
+                    .iter()
+                    .map(|&d| if d > radius { radius / d } else { 1.0 })
+                    .collect()
+            }
+        };
+
         tch::no_grad(|| {
             for (i, x) in params.iter_mut().enumerate() {
                 let mut correction: Option<Tensor> = None;
-                for (_, estimate, w) in &used {
+                for ((_, estimate, w), scale) in used.iter().zip(&scales) {
                     let Some(value) = &estimate.values[i] else {
                         continue;
                     };
-                    let term = (value - &self.public[i]) * (gamma * w);
+                    let term = (value - &self.public[i]) * (gamma * w * scale);
                     correction = Some(match correction {
                         Some(c) => c + term,
                         None => term,
@@ -246,6 +295,11 @@ impl GossipState {
             .collect();
         (!distances.is_empty())
             .then(|| (distances.iter().sum::<f64>() / distances.len() as f64).sqrt())
+    }
+
+    /// `x̂_i`, what neighbours know of this node's model.
+    pub fn public(&self) -> &[Tensor] {
+        &self.public
     }
 
     /// Names of this node's parameters, in the order every tensor list here uses.
@@ -326,6 +380,31 @@ impl GossipState {
     }
 }
 
+/// L2 distance between an estimate and `reference` over the parameters it holds.
+fn distance(values: &[Option<Tensor>], reference: &[Tensor]) -> f64 {
+    let squares: f64 = values
+        .iter()
+        .zip(reference)
+        .filter_map(|(v, r)| v.as_ref().map(|v| (v - r).square().sum(Kind::Double)))
+        .map(|t| t.double_value(&[]))
+        .sum();
+    squares.sqrt()
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
 fn as_f32(t: &Tensor) -> Tensor {
     t.detach().to_kind(Kind::Float).contiguous()
 }
@@ -336,7 +415,9 @@ mod tests {
 
     use super::*;
     use crate::federation::codec::{decode, Layout};
+    use crate::federation::misbehaviour;
     use crate::federation::mixing::metropolis_hastings;
+    use edgesync_api::{Misbehaviour, MisbehaviourKind};
 
     fn model(value: f32) -> Vec<(String, Tensor)> {
         vec![(
@@ -355,6 +436,31 @@ mod tests {
 
     /// Runs rounds of gossip among fully connected nodes whose models are `values`.
     fn gossip_rounds(values: &[f32], encoding: Encoding, gamma: f64, rounds: u64) -> Vec<f64> {
+        let plain = Gossip {
+            encoding,
+            gamma,
+            mixing: Mixing::Average,
+            misbehaving: None,
+        };
+        run_gossip(values, plain, rounds)
+    }
+
+    #[derive(Clone, Copy)]
+    struct Gossip {
+        encoding: Encoding,
+        gamma: f64,
+        mixing: Mixing,
+        /// A node that publishes a corrupted model, and how.
+        misbehaving: Option<(usize, Misbehaviour)>,
+    }
+
+    fn run_gossip(values: &[f32], gossip: Gossip, rounds: u64) -> Vec<f64> {
+        let Gossip {
+            encoding,
+            gamma,
+            mixing,
+            misbehaving,
+        } = gossip;
         let names: Vec<String> = (0..values.len()).map(|i| format!("n{i}")).collect();
         let mut states: Vec<GossipState> = names.iter().map(|n| node(n)).collect();
         let mut params: Vec<Vec<Tensor>> = values
@@ -365,7 +471,14 @@ mod tests {
             let frames: Vec<Vec<u8>> = states
                 .iter_mut()
                 .zip(&params)
-                .map(|(s, p)| s.prepare(p, round, encoding))
+                .enumerate()
+                .map(|(i, (s, p))| match misbehaving {
+                    Some((bad, how)) if bad == i => {
+                        let corrupted = misbehaviour::corrupt(how, p, s.public());
+                        s.prepare(&corrupted, round, encoding)
+                    }
+                    _ => s.prepare(p, round, encoding),
+                })
                 .collect();
             for (i, state) in states.iter_mut().enumerate() {
                 for (j, frame) in frames.iter().enumerate() {
@@ -378,14 +491,14 @@ mod tests {
                     }
                 }
             }
-            for (i, state) in states.iter().enumerate() {
+            for (i, state) in states.iter_mut().enumerate() {
                 let degrees = names
                     .iter()
                     .filter(|n| **n != names[i])
                     .map(|n| (n.clone(), Some(values.len() - 1)))
                     .collect();
                 let w = metropolis_hastings(values.len() - 1, &degrees);
-                state.mix(&mut params[i], &w, gamma, round);
+                state.mix(&mut params[i], &w, gamma, round, mixing);
             }
         }
         params.iter().map(|p| p[0].double_value(&[0])).collect()
@@ -406,6 +519,56 @@ mod tests {
             for v in &out {
                 assert!((v - 4.0).abs() < 0.05, "{encoding:?}: {out:?}");
             }
+        }
+    }
+
+    #[test]
+    fn clipping_keeps_one_misbehaving_node_from_ruining_the_rest() {
+        let honest = [1.0f32, 2.0, 3.0, 4.0];
+        let mut values = honest.to_vec();
+        values.push(2.5);
+        let spread = |out: &[f64]| {
+            let honest = &out[..4];
+            let max = honest.iter().copied().fold(f64::MIN, f64::max);
+            let min = honest.iter().copied().fold(f64::MAX, f64::min);
+            (min, max)
+        };
+        for kind in [MisbehaviourKind::Scaled, MisbehaviourKind::SignFlip] {
+            let attack = Gossip {
+                encoding: Encoding::Fp32,
+                gamma: 1.0,
+                mixing: Mixing::Average,
+                misbehaving: Some((4, Misbehaviour { kind, scale: 10.0 })),
+            };
+            // Plain averaging follows the misbehaving node's runaway model.
+            let (min, max) = spread(&run_gossip(&values, attack, 20));
+            assert!(max - min > 1e3 || min.abs() > 1e3, "{kind:?}: {min} {max}");
+
+            // Clipped, the honest nodes agree, within the range they started in.
+            let clipped = Gossip {
+                mixing: Mixing::Clipped { factor: 1.0 },
+                ..attack
+            };
+            let (min, max) = spread(&run_gossip(&values, clipped, 20));
+            assert!(max - min < 0.05, "{kind:?}: {min} {max}");
+            assert!(min > 1.0 && max < 4.0, "{kind:?}: {min} {max}");
+        }
+    }
+
+    #[test]
+    fn clipping_leaves_honest_neighbours_averaging() {
+        let clipped = Gossip {
+            encoding: Encoding::Fp32,
+            gamma: 1.0,
+            mixing: Mixing::Clipped { factor: 1.0 },
+            misbehaving: None,
+        };
+        // They agree; the far-out 9 is clipped, so the common value is not exactly the
+        // mean of 4, which is the price of bounding every neighbour's pull.
+        let out = run_gossip(&[0.0, 3.0, 9.0, 4.0], clipped, 30);
+        for v in &out {
+            assert!((v - out[0]).abs() < 1e-3, "{out:?}");
+            assert!((v - 4.0).abs() < 0.5, "{out:?}");
         }
     }
 

@@ -6,6 +6,7 @@
 //! - [`gossip`]: neighbour estimates and the compressed gossip step (CHOCO-SGD);
 //! - [`mixing`]: Metropolis-Hastings weights;
 //! - [`momentum`]: momentum on round updates;
+//! - [`misbehaviour`]: corrupted models for robustness experiments;
 //! - [`network`]: the libp2p swarm task;
 //! - [`runner`]: one node's round loop (`dfl-node run`);
 //! - [`launcher`]: a whole federation as local processes (`dfl-node local`);
@@ -15,6 +16,7 @@ pub mod codec;
 pub mod config;
 pub mod gossip;
 pub mod launcher;
+pub mod misbehaviour;
 pub mod mixing;
 pub mod momentum;
 pub mod network;

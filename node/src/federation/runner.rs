@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use edgesync_api::{CompressionKind, LrSchedule, OptimizerKind as ApiOptimizer, PartitionSpec};
+use edgesync_api::{
+    AggregationRule, CompressionKind, LrSchedule, OptimizerKind as ApiOptimizer, PartitionSpec,
+};
 use libp2p::{identity, Multiaddr, PeerId};
 use tch::nn;
 use tch::{Kind, Tensor};
@@ -22,7 +24,8 @@ use tokio::task::JoinSet;
 
 use super::codec::{self, Encoding, Layout};
 use super::config::{self, NodeConfig};
-use super::gossip::{GossipState, Received};
+use super::gossip::{GossipState, Mixing, Received};
+use super::misbehaviour;
 use super::mixing::metropolis_hastings;
 use super::momentum::RoundMomentum;
 use super::network::{self, Ack, NetworkEvent, NetworkHandle, Peer, Presence};
@@ -415,7 +418,10 @@ impl Node {
     /// have arrived or the deadline passes.
     async fn exchange(&mut self, round: u64) {
         let until = Instant::now() + self.deadline;
-        let params = self.all_params();
+        let mut params = self.all_params();
+        if let Some(misbehaviour) = self.config.node_spec.misbehaviour {
+            params = misbehaviour::corrupt(misbehaviour, &params, self.gossip.public());
+        }
         let frame = self.gossip.prepare(&params, round, self.encoding);
         let mut sends: JoinSet<(String, Result<Ack, network::NetworkError>, usize)> =
             JoinSet::new();
@@ -538,9 +544,18 @@ impl Node {
             .collect();
         let weights = metropolis_hastings(self.live_degree().max(fresh.len()), &degrees);
         self.metrics.exchange.set_weights(&weights.neighbours);
-        let gamma = self.config.federation_spec.aggregation.consensus_step;
+        let aggregation = &self.config.federation_spec.aggregation;
+        let gamma = aggregation.consensus_step;
+        let mixing = match aggregation.rule {
+            AggregationRule::MetropolisHastings => Mixing::Average,
+            AggregationRule::ClippedGossip => Mixing::Clipped {
+                factor: aggregation.clip_factor,
+            },
+        };
         let mut params = self.all_params();
-        let used = self.gossip.mix(&mut params, &weights, gamma, oldest);
+        let used = self
+            .gossip
+            .mix(&mut params, &weights, gamma, oldest, mixing);
         (used.len(), stale)
     }
 
