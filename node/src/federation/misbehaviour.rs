@@ -5,20 +5,24 @@
 use edgesync_api::{Misbehaviour, MisbehaviourKind};
 use tch::{Kind, Tensor};
 
-/// What the node publishes instead of `params`, given `public`, the model its neighbours
-/// currently hold for it. Each kind distorts the change `params - public`:
-/// - scaled: `public + scale x change`;
-/// - sign flip: `public - scale x change`;
-/// - random: `public + noise`, Gaussian noise with `scale` times the change's
+/// What the node publishes instead of `params`, given `before`, its model before this
+/// round's training. Each kind distorts the round's change `params - before`:
+/// - scaled: `before + scale x change`;
+/// - sign flip: `before - scale x change`;
+/// - random: `before + noise`, Gaussian noise with `scale` times the change's
 ///   root-mean-square, per tensor.
-pub fn corrupt(misbehaviour: Misbehaviour, params: &[Tensor], public: &[Tensor]) -> Vec<Tensor> {
+///
+/// Distorting only the latest change, rather than the model neighbours already hold,
+/// keeps the published model finite for the whole run, so the attack never stops.
+pub fn corrupt(misbehaviour: Misbehaviour, params: &[Tensor], before: &[Tensor]) -> Vec<Tensor> {
     let scale = misbehaviour.scale;
     tch::no_grad(|| {
         params
             .iter()
-            .zip(public)
-            .map(|(x, x_hat)| {
-                let change = x.detach().to_kind(Kind::Float) - x_hat;
+            .zip(before)
+            .map(|(x, x_before)| {
+                let x_before = x_before.detach().to_kind(Kind::Float);
+                let change = x.detach().to_kind(Kind::Float) - &x_before;
                 let distorted = match misbehaviour.kind {
                     MisbehaviourKind::Scaled => change * scale,
                     MisbehaviourKind::SignFlip => change * -scale,
@@ -27,7 +31,7 @@ pub fn corrupt(misbehaviour: Misbehaviour, params: &[Tensor], public: &[Tensor])
                         change.randn_like() * rms * scale
                     }
                 };
-                x_hat + distorted
+                x_before + distorted
             })
             .collect()
     })
@@ -46,7 +50,7 @@ mod tests {
     }
 
     #[test]
-    fn each_kind_distorts_the_change_since_the_public_model() {
+    fn each_kind_distorts_the_change_over_the_round() {
         let params = tensors(&[2.0, 0.0]);
         let public = tensors(&[1.0, 1.0]);
         let with = |kind| Misbehaviour { kind, scale: 3.0 };

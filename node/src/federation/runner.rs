@@ -332,6 +332,12 @@ impl Node {
         self.announce(false).await;
 
         let start: Vec<Tensor> = self.trainable_params().iter().map(|t| t.copy()).collect();
+        // A misbehaving node distorts its change over this round's training.
+        let model_before: Option<Vec<Tensor>> = self
+            .config
+            .node_spec
+            .misbehaviour
+            .map(|_| self.all_params().iter().map(|t| t.copy()).collect());
         let steps = self.config.federation_spec.local_steps;
         let stats = self
             .blocking(move |local| local.trainer.train_steps(&local.train, steps))
@@ -343,7 +349,7 @@ impl Node {
         training.train_loss.set(stats.mean_loss);
 
         let waiting_from = Instant::now();
-        self.exchange(round).await;
+        self.exchange(round, model_before.as_deref()).await;
         let waiting_seconds = waiting_from.elapsed().as_secs_f64();
         self.metrics.exchange.waiting.observe(waiting_seconds);
 
@@ -416,11 +422,14 @@ impl Node {
 
     /// Sends this round's update to every live partner and waits for theirs, until all
     /// have arrived or the deadline passes.
-    async fn exchange(&mut self, round: u64) {
+    /// `round_start` is the model before this round's training, kept only by a
+    /// misbehaving node.
+    async fn exchange(&mut self, round: u64, round_start: Option<&[Tensor]>) {
         let until = Instant::now() + self.deadline;
         let mut params = self.all_params();
-        if let Some(misbehaviour) = self.config.node_spec.misbehaviour {
-            params = misbehaviour::corrupt(misbehaviour, &params, self.gossip.public());
+        if let (Some(misbehaviour), Some(start)) = (self.config.node_spec.misbehaviour, round_start)
+        {
+            params = misbehaviour::corrupt(misbehaviour, &params, start);
         }
         let frame = self.gossip.prepare(&params, round, self.encoding);
         let mut sends: JoinSet<(String, Result<Ack, network::NetworkError>, usize)> =
@@ -552,6 +561,11 @@ impl Node {
                 factor: aggregation.clip_factor,
             },
         };
+        // A misbehaving node keeps training on its own, so that it stays alive and keeps
+        // sending for the whole run.
+        if self.config.node_spec.misbehaviour.is_some() {
+            return (0, stale);
+        }
         let mut params = self.all_params();
         let used = self
             .gossip
