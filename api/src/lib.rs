@@ -1,5 +1,6 @@
 //! EdgeSync's custom resources, shared by the node (which runs them locally) and the operator
-//! (which reconciles them into pods).
+//! (which reconciles them into pods), and the configuration a node process reads
+//! ([`node_config`]), which both the local launcher and the operator write.
 //!
 //! Both kinds are namespaced: a federation's pods, Secrets and ConfigMaps live in a
 //! namespace, owner references may only point within one, and namespaces let several teams
@@ -8,6 +9,7 @@
 mod federation;
 mod manifest;
 mod node;
+pub mod node_config;
 mod ranges;
 mod schema;
 

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use common::{mk_federation, mk_node, FED, NS};
 use edgesync_api::{DflNode, ModelKind};
@@ -289,8 +290,11 @@ fn configurations_list_every_member_at_its_stable_address() {
     let a = &configs[0];
     assert_eq!(a.name, "a");
     assert_eq!(a.listen, "/ip4/0.0.0.0/tcp/7400");
-    assert_eq!(a.key_file, "/var/run/edgesync/identity/identity.key");
-    assert_eq!(a.state_dir, names::STATE_DIR);
+    assert_eq!(
+        a.key_file,
+        Path::new("/var/run/edgesync/identity/identity.key")
+    );
+    assert_eq!(a.state_dir, Path::new(names::STATE_DIR));
     let addresses: Vec<&str> = a.members.iter().map(|m| m.addresses[0].as_str()).collect();
     assert_eq!(
         addresses,
@@ -370,12 +374,12 @@ fn configuration_yaml_has_the_keys_the_node_reads() {
         ]
     );
     assert_eq!(value["members"][0]["model"]["inChannels"], 3);
-    assert_eq!(NodeConfig::from_yaml(&yaml).unwrap(), configs[0]);
+    assert_eq!(NodeConfig::parse(&yaml).unwrap(), configs[0]);
 
     // Configurations of runs started before nodes served metrics still parse.
     let mut old = value.clone();
     old.as_mapping_mut().unwrap().remove("metricsAddress");
-    let old = NodeConfig::from_yaml(&serde_yaml::to_string(&old).unwrap()).unwrap();
+    let old = NodeConfig::parse(&serde_yaml::to_string(&old).unwrap()).unwrap();
     assert_eq!(old.metrics_address, None);
 }
 

@@ -164,7 +164,7 @@ impl Node {
 
         let (train, test) = load_data(&config, &me).await?;
         metrics.readiness.data_loaded.store(true, Ordering::Relaxed);
-        let spec = me.model.spec();
+        let spec = config::model_spec(&me.model);
         let train_config = train_config(&config);
         let trainer = Trainer::new(spec, train_config, train.len(), device);
         metrics.readiness.model_built.store(true, Ordering::Relaxed);
@@ -893,7 +893,7 @@ fn exchange_partners(config: &NodeConfig, params: &[(String, Tensor)]) -> BTreeS
         .filter(|m| m.neighbour && m.name != config.name)
         .filter(|m| {
             let vs = nn::VarStore::new(tch::Device::Cpu);
-            let _model = model::Cnn::new(&vs.root(), m.model.spec());
+            let _model = model::Cnn::new(&vs.root(), config::model_spec(&m.model));
             vs.variables()
                 .iter()
                 .any(|(n, t)| ours.get(n.as_str()).is_some_and(|s| *s == t.size()))

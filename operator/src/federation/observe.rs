@@ -116,7 +116,7 @@ pub fn run_of(config_maps: &[ConfigMap]) -> (Run, Vec<Invalid>) {
         let text = cm.data.as_ref().and_then(|d| d.get(CONFIG_KEY));
         let parsed = text
             .ok_or_else(|| format!("it has no {CONFIG_KEY:?} entry"))
-            .and_then(|t| NodeConfig::from_yaml(t).map_err(|e| e.to_string()))
+            .and_then(|t| NodeConfig::parse(t).map_err(|e| e.to_string()))
             .and_then(|c| match c.me() {
                 Some(_) => Ok(c),
                 None => Err(format!("its member list does not include {:?}", c.name)),
