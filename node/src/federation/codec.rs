@@ -835,4 +835,209 @@ mod tests {
         frame[gap_at] = 5;
         assert_eq!(decode(&frame, &small).unwrap_err().reason(), "malformed");
     }
+
+    /// A frame with `header()` and hand-made tensor records, for declarations that
+    /// `encode` never writes.
+    fn raw_frame(encoding_tag: u8, records: &[(&str, &[u32], &[u8])]) -> Vec<u8> {
+        let (mut frame, _) = encode(&header(), &[], Encoding::Fp32);
+        // The encoding byte follows magic, version and flags; the tensor count ends the
+        // header.
+        frame[7] = encoding_tag;
+        let count_at = frame.len() - 4;
+        frame[count_at..].copy_from_slice(&(records.len() as u32).to_le_bytes());
+        for (name, dims, payload) in records {
+            put_str(&mut frame, name);
+            frame.push(dims.len() as u8);
+            for d in dims.iter() {
+                frame.extend_from_slice(&d.to_le_bytes());
+            }
+            frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            frame.extend_from_slice(payload);
+        }
+        frame
+    }
+
+    fn fp32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn reason(frame: &[u8]) -> &'static str {
+        decode(frame, &layout()).unwrap_err().reason()
+    }
+
+    #[test]
+    fn hand_made_frames_decode_like_encoded_ones() {
+        // Keeps the rejection tests below honest: their frames differ from this one only
+        // in the field under test.
+        let bias = fp32_bytes(&[0.5; 10]);
+        let update = decode(&raw_frame(0, &[("fc.bias", &[10], &bias)]), &layout()).unwrap();
+        assert_eq!(update.header, header());
+        assert_eq!(update.tensors.len(), 1);
+        assert_eq!(update.tensors[0].1.size(), vec![10]);
+    }
+
+    #[test]
+    fn a_parameter_sent_twice_is_refused() {
+        let bias = fp32_bytes(&[0.5; 10]);
+        let frame = raw_frame(0, &[("fc.bias", &[10], &bias), ("fc.bias", &[10], &bias)]);
+        let error = decode(&frame, &layout()).unwrap_err();
+        assert_eq!(error, DecodeError::Duplicate("fc.bias".into()));
+        assert_eq!(error.reason(), "shape");
+    }
+
+    #[test]
+    fn counts_that_disagree_with_the_shape_or_the_frame_are_refused() {
+        let bias = fp32_bytes(&[0.5; 10]);
+        // Nine values for a ten-entry bias, in each encoding's own terms.
+        assert_eq!(
+            reason(&raw_frame(0, &[("fc.bias", &[10], &bias[..36])])),
+            "malformed"
+        );
+        assert_eq!(
+            reason(&raw_frame(1, &[("fc.bias", &[10], &[0; 18])])),
+            "malformed"
+        );
+        assert_eq!(
+            reason(&raw_frame(2, &[("fc.bias", &[10], &[0; 4 + 9])])),
+            "malformed"
+        );
+        assert_eq!(
+            reason(&raw_frame(4, &[("fc.bias", &[10], &[8; 1 + 4 + 9])])),
+            "malformed"
+        );
+        // A tensor count larger than the tensors the frame holds.
+        let mut frame = raw_frame(0, &[("fc.bias", &[10], &bias)]);
+        let count_at = raw_frame(0, &[]).len() - 4;
+        frame[count_at] = 2;
+        assert_eq!(reason(&frame), "truncated");
+        // Same model, yet a parameter the receiver does not have.
+        let frame = raw_frame(0, &[("fc.extra", &[10], &bias)]);
+        assert!(matches!(
+            decode(&frame, &layout()),
+            Err(DecodeError::ShapeMismatch { expected, .. }) if expected.is_empty()
+        ));
+        // More dimensions than any tensor has.
+        assert_eq!(
+            reason(&raw_frame(0, &[("fc.bias", &[1; 9], &bias)])),
+            "malformed"
+        );
+        assert_eq!(reason(&raw_frame(5, &[])), "malformed");
+    }
+
+    #[test]
+    fn oversized_declared_lengths_are_truncation_not_allocation() {
+        let bias = fp32_bytes(&[0.5; 10]);
+        let frame = raw_frame(0, &[("fc.bias", &[10], &bias)]);
+        let header_len = raw_frame(0, &[]).len();
+        let with = |at: usize, bytes: &[u8]| {
+            let mut bad = frame.clone();
+            bad[at..at + bytes.len()].copy_from_slice(bytes);
+            bad
+        };
+        // Four billion tensors, then a four-gigabyte payload: neither is reserved for.
+        assert_eq!(
+            reason(&with(header_len - 4, &u32::MAX.to_le_bytes())),
+            "truncated"
+        );
+        let dims_at = header_len + 2 + "fc.bias".len() + 1;
+        assert_eq!(
+            reason(&with(dims_at + 4, &u32::MAX.to_le_bytes())),
+            "truncated"
+        );
+        // A name longer than any name is refused before it is read.
+        assert_eq!(
+            reason(&with(header_len, &u16::MAX.to_le_bytes())),
+            "malformed"
+        );
+        // A dimension of four billion for a parameter the receiver holds with ten.
+        assert_eq!(reason(&with(dims_at, &u32::MAX.to_le_bytes())), "shape");
+    }
+
+    #[test]
+    fn infinite_values_are_refused_in_every_encoding() {
+        for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
+            let mut values = [0.5f32; 10];
+            values[3] = bad;
+            let frame = raw_frame(0, &[("fc.bias", &[10], &fp32_bytes(&values))]);
+            assert_eq!(reason(&frame), "non_finite", "fp32 {bad}");
+        }
+        // 0x7c00 is +inf in IEEE half precision.
+        let mut halves = vec![0u8; 20];
+        halves[4..6].copy_from_slice(&0x7c00u16.to_le_bytes());
+        assert_eq!(
+            reason(&raw_frame(1, &[("fc.bias", &[10], &halves)])),
+            "non_finite"
+        );
+        // A non-finite scale, or a finite one whose products overflow.
+        for scale in [f32::INFINITY, f32::NAN, f32::MAX] {
+            let mut int8 = scale.to_le_bytes().to_vec();
+            int8.extend([127u8; 10]);
+            let frame = raw_frame(2, &[("fc.bias", &[10], &int8)]);
+            assert_eq!(reason(&frame), "non_finite", "int8 scale {scale}");
+
+            // One kept entry at index 0 with the largest code.
+            let mut top_k = 1u32.to_le_bytes().to_vec();
+            top_k.extend(scale.to_le_bytes());
+            top_k.extend([0, 127]);
+            let frame = raw_frame(3, &[("fc.bias", &[10], &top_k)]);
+            let want = if scale.is_finite() {
+                "non_finite"
+            } else {
+                "malformed"
+            };
+            assert_eq!(reason(&frame), want, "top-k scale {scale}");
+
+            // Eight bits, one block: code 254 is the top level, 127 is zero.
+            let mut quantised = vec![8u8];
+            quantised.extend(scale.to_le_bytes());
+            quantised.extend([254u8; 10]);
+            let frame = raw_frame(4, &[("fc.bias", &[10], &quantised)]);
+            assert_eq!(reason(&frame), "non_finite", "quantised scale {scale}");
+        }
+        // Even a zero code times a NaN scale is NaN, not zero.
+        let mut quantised = vec![8u8];
+        quantised.extend(f32::NAN.to_le_bytes());
+        quantised.extend([127u8; 10]);
+        assert_eq!(
+            reason(&raw_frame(4, &[("fc.bias", &[10], &quantised)])),
+            "non_finite"
+        );
+    }
+
+    #[test]
+    fn every_rejection_reason_is_a_counted_label() {
+        // A reason missing from the metrics' fixed set would be counted as "other".
+        let name = || "w".to_string();
+        let errors = [
+            DecodeError::Truncated(0),
+            DecodeError::BadMagic,
+            DecodeError::BadVersion(2),
+            DecodeError::BadEncoding(9),
+            DecodeError::TooLarge { size: 2, limit: 1 },
+            DecodeError::BadString,
+            DecodeError::WrongFederation(name()),
+            DecodeError::ShapeMismatch {
+                name: name(),
+                found: vec![],
+                expected: vec![],
+            },
+            DecodeError::Duplicate(name()),
+            DecodeError::PayloadLength {
+                name: name(),
+                found: 0,
+                expected: 1,
+            },
+            DecodeError::BadIndices(name()),
+            DecodeError::BadCodes(name()),
+            DecodeError::NonFinite(name()),
+            DecodeError::TrailingBytes(1),
+        ];
+        for error in errors {
+            let reason = error.reason();
+            assert!(
+                crate::metrics::DROP_REASONS.contains(&reason) && reason != "other",
+                "{error:?} is counted as {reason:?}"
+            );
+        }
+    }
 }
