@@ -36,7 +36,7 @@ fn member(node: &DflNode) -> Member {
 }
 
 fn pod_spec(node: &DflNode, settings: &NodePodSettings) -> PodSpec {
-    pod(FED, NS, &member(node), settings, &owner())
+    pod(FED, NS, &member(node), true, settings, &owner())
         .spec
         .unwrap()
 }
@@ -231,6 +231,20 @@ fn node_pods_serve_metrics_on_a_named_port_that_the_kubelet_probes() {
         assert_eq!(get.path.as_deref(), Some(path));
         assert_eq!(get.port, IntOrString::String("metrics".into()));
     }
+
+    // A configuration from before nodes served metrics: no port to probe, so no probes
+    // that would restart the pod for ever.
+    let old = pod(
+        FED,
+        NS,
+        &member(&mk_node("a", "cpu", "akida-cnn")),
+        false,
+        &NodePodSettings::default(),
+        &owner(),
+    );
+    let c = &old.spec.as_ref().unwrap().containers[0];
+    assert_eq!(c.ports.as_ref().unwrap().len(), 1);
+    assert!(c.readiness_probe.is_none() && c.liveness_probe.is_none());
 
     let service = objects::service(&mk_federation("{kind: ring}"), NS, &owner());
     let ports: Vec<(Option<&str>, i32)> = service

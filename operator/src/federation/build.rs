@@ -215,7 +215,8 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, BuildError> {
         let Some(identity) = ids.known.get(name) else {
             continue;
         };
-        let (member, config_map) = match source {
+        // Whether the member's configuration names a metrics address decides its probes.
+        let (member, config_map, serves_metrics) = match source {
             Source::Plan => {
                 let (Some(member), Some(config)) = (
                     planned.get(name.as_str()),
@@ -225,12 +226,20 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, BuildError> {
                 };
                 let cm =
                     objects::config_map(namespace, config, member.data_claim.as_deref(), owner)?;
-                ((*member).clone(), Some(cm))
+                let serves_metrics = config.metrics_address.is_some();
+                ((*member).clone(), Some(cm), serves_metrics)
             }
-            Source::Running => match run.configs.get(name).and_then(running_member) {
-                Some(member) => (member, None),
-                None => continue,
-            },
+            Source::Running => {
+                let running = run.configs.get(name);
+                match running.and_then(running_member) {
+                    Some(member) => {
+                        let serves_metrics =
+                            running.is_some_and(|r| r.config.metrics_address.is_some());
+                        (member, None, serves_metrics)
+                    }
+                    None => continue,
+                }
+            }
         };
         let secret = ids
             .new
@@ -243,7 +252,14 @@ pub fn desired(inputs: &Inputs) -> Result<Desired, BuildError> {
                 account,
                 role,
                 binding,
-                pod: pod::pod(&fed_name, namespace, &member, settings, owner),
+                pod: pod::pod(
+                    &fed_name,
+                    namespace,
+                    &member,
+                    serves_metrics,
+                    settings,
+                    owner,
+                ),
             }
         });
         members.push(MemberObjects {

@@ -3,9 +3,9 @@
 //! volume, as an unprivileged user on a read-only root filesystem, serving its metrics and
 //! health endpoints on a named port the kubelet probes. Pure.
 //!
-//! NB: the probes assume the node's configuration names the metrics address, which
-//! configurations written by operators before it did lack. A pod recreated for such a run
-//! fails its liveness probe and restarts until the run is started anew.
+//! Configurations written by operators before nodes served metrics name no metrics
+//! address; a pod recreated for such a run gets neither the port nor the probes, which
+//! would otherwise fail for ever and restart it in a loop.
 
 use std::collections::BTreeMap;
 
@@ -55,11 +55,13 @@ fn image(hardware: Hardware, settings: &NodePodSettings) -> &str {
     }
 }
 
-/// The member's pod.
+/// The member's pod; `serves_metrics` says whether its configuration names a metrics
+/// address.
 pub fn pod(
     fed: &str,
     namespace: &str,
     member: &Member,
+    serves_metrics: bool,
     settings: &NodePodSettings,
     owner: &OwnerReference,
 ) -> Pod {
@@ -87,6 +89,21 @@ pub fn pod(
     ];
     env.sort_by(|a, b| a.name.cmp(&b.name));
 
+    let mut ports = vec![ContainerPort {
+        name: Some("p2p".into()),
+        container_port: P2P_PORT,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }];
+    if serves_metrics {
+        ports.push(ContainerPort {
+            name: Some(METRICS_PORT_NAME.into()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        });
+    }
+
     let container = Container {
         name: "dfl-node".into(),
         image: Some(image(spec.hardware, settings).to_string()),
@@ -98,28 +115,15 @@ pub fn pod(
             format!("{CONFIG_DIR}/{CONFIG_KEY}"),
         ]),
         env: Some(env),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("p2p".into()),
-                container_port: P2P_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some(METRICS_PORT_NAME.into()),
-                container_port: METRICS_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-        ]),
+        ports: Some(ports),
         // Ready once data is loaded, the model built, the node listening and a peer
         // connected (or none expected); the headless Service publishes addresses before
         // that anyway, so readiness only informs, it never keeps peers apart.
-        readiness_probe: Some(probe("/readyz", 5, 3)),
+        readiness_probe: serves_metrics.then(|| probe("/readyz", 5, 3)),
         // /healthz answers from the node's async runtime while training runs beside it,
         // so only a hung process fails it; a minute of failures allows for a board
         // saturated by a training step.
-        liveness_probe: Some(probe("/healthz", 10, 6)),
+        liveness_probe: serves_metrics.then(|| probe("/healthz", 10, 6)),
         resources: Some(resources(spec.resources.as_ref(), device)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
