@@ -26,6 +26,8 @@ pub const DROP_REASONS: &[&str] = &[
     "sender",
     // A connection from a peer outside the member list was refused.
     "stranger",
+    // The frame was from an earlier round than one already applied from its sender.
+    "replayed",
     // Rejections by the codec (`DecodeError::reason`).
     "truncated",
     "magic",

@@ -36,8 +36,13 @@ pub struct Estimate {
 /// The outcome of an incoming update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Received {
-    Applied { shared: usize },
+    Applied {
+        shared: usize,
+    },
     NeedKeyframe,
+    /// From a round before the last one applied from this sender: a replay (or a frame
+    /// overtaken by a newer one), refused so that it cannot roll the estimate back.
+    Replayed,
 }
 
 pub struct GossipState {
@@ -166,6 +171,9 @@ impl GossipState {
             );
         }
         let estimate = self.neighbours.get_mut(from).expect("inserted above");
+        if estimate.last_round.is_some_and(|last| header.round < last) {
+            return Received::Replayed;
+        }
 
         if header.keyframe {
             estimate.values = (0..self.names.len()).map(|_| None).collect();
@@ -580,6 +588,25 @@ mod tests {
             assert!((v - out[0]).abs() < 1e-3, "{out:?}");
             assert!((v - 4.0).abs() < 0.5, "{out:?}");
         }
+    }
+
+    #[test]
+    fn replayed_frames_cannot_roll_an_estimate_back() {
+        let mut a = node("a");
+        let mut b = node("b");
+        let old_keyframe = a.keyframe(1);
+        let first = a.prepare(&[model(1.0)[0].1.shallow_clone()], 1, Encoding::Fp32);
+        let second = a.prepare(&[model(2.0)[0].1.shallow_clone()], 2, Encoding::Fp32);
+        for frame in [&first, &second] {
+            let update = decode(frame, &layout()).unwrap();
+            assert!(matches!(b.receive("a", update), Received::Applied { .. }));
+        }
+        for replay in [&old_keyframe, &first] {
+            let update = decode(replay, &layout()).unwrap();
+            assert_eq!(b.receive("a", update), Received::Replayed);
+        }
+        let estimate = b.neighbours["a"].values[0].as_ref().unwrap();
+        assert_eq!(estimate.double_value(&[0]), 2.0);
     }
 
     #[test]

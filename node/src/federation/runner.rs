@@ -679,6 +679,11 @@ impl Node {
                     Ok(update) => match self.gossip.receive(&from, update) {
                         Received::Applied { .. } => Ack::Applied,
                         Received::NeedKeyframe => Ack::NeedKeyframe,
+                        Received::Replayed => {
+                            *self.counters.updates_dropped.entry("replayed").or_default() += 1;
+                            self.metrics.exchange.dropped("replayed", 1);
+                            Ack::Rejected("replayed".into())
+                        }
                     },
                 };
                 let _ = self.network.respond(reply, ack).await;
