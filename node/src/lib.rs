@@ -3,8 +3,8 @@
 //! A node loads only the images it holds locally ([`data`]), trains a CNN on them with
 //! libtorch ([`model`], [`optim`], [`train`]), evaluates it ([`eval`]) and keeps its progress
 //! in crash-safe checkpoints ([`checkpoint`]). The `dfl-node` binary exposes all of it
-//! through [`cli`]; a running node reports itself through [`metrics`], served by [`web`], and on a cluster into its `DflNode` status
-//! ([`status`]).
+//! through [`cli`]; a running node reports itself through [`metrics`], served by [`web`],
+//! and on a cluster into its `DflNode` status ([`status`]).
 
 pub mod checkpoint;
 pub mod cli;
