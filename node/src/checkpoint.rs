@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -93,6 +94,17 @@ pub fn save(
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), CheckpointError> {
+    save_stalling(path, tensors, metadata, None)
+}
+
+/// [`save`], pausing for `stall_halfway` (when set) with half the temporary file written
+/// and flushed: the window in which a fault test kills the process.
+pub fn save_stalling(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+    stall_halfway: Option<Duration>,
+) -> Result<(), CheckpointError> {
     let io = |source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
@@ -133,7 +145,16 @@ pub fn save(
     }
     let tmp = temporary_path(path);
     let mut file = std::fs::File::create(&tmp).map_err(io)?;
-    file.write_all(&encoded).map_err(io)?;
+    if let Some(stall) = stall_halfway {
+        let (first, rest) = encoded.split_at(encoded.len() / 2);
+        file.write_all(first).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        tracing::warn!(path = %tmp.display(), ?stall, "stalling a checkpoint write halfway");
+        std::thread::sleep(stall);
+        file.write_all(rest).map_err(io)?;
+    } else {
+        file.write_all(&encoded).map_err(io)?;
+    }
     file.sync_all().map_err(io)?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(io)?;

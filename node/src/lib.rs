@@ -4,13 +4,15 @@
 //! libtorch ([`model`], [`optim`], [`train`]), evaluates it ([`eval`]) and keeps its progress
 //! in crash-safe checkpoints ([`checkpoint`]). The `dfl-node` binary exposes all of it
 //! through [`cli`]; a running node reports itself through [`metrics`], served by [`web`],
-//! and on a cluster into its `DflNode` status ([`status`]).
+//! and on a cluster into its `DflNode` status ([`status`]). Fault tests make a node slow
+//! or fragile on purpose through [`faults`].
 
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod faults;
 pub mod federation;
 pub mod metrics;
 pub mod model;

@@ -192,12 +192,14 @@ impl Trainer {
     }
 
     /// Everything a resumed run needs: parameters, optimiser state and `extra` tensors,
-    /// with the step count and `metadata` alongside.
+    /// with the step count and `metadata` alongside. `stall_halfway` is an injected fault
+    /// (see [`checkpoint::save_stalling`]); `None` outside fault tests.
     pub fn save_checkpoint(
         &self,
         path: &Path,
         extra: Vec<(String, Tensor)>,
         mut metadata: BTreeMap<String, String>,
+        stall_halfway: Option<std::time::Duration>,
     ) -> Result<(), TrainError> {
         let mut tensors: Vec<(String, Tensor)> = self
             .parameters()
@@ -212,7 +214,7 @@ impl Trainer {
             self.spec.architecture.as_str().into(),
         );
         metadata.insert("fingerprint".into(), self.fingerprint());
-        checkpoint::save(path, &tensors, &metadata)?;
+        checkpoint::save_stalling(path, &tensors, &metadata, stall_halfway)?;
         Ok(())
     }
 

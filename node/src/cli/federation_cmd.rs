@@ -10,6 +10,7 @@ use clap::Args;
 
 use edgesync_api::NodePhase;
 
+use crate::faults::FaultPlan;
 use crate::federation::config::NodeConfig;
 use crate::federation::launcher;
 use crate::federation::runner::{self, Outcome};
@@ -26,6 +27,12 @@ pub struct RunArgs {
     /// the pod's service account (or the kubeconfig outside a cluster).
     #[arg(long, env = "EDGESYNC_NAMESPACE")]
     pub status_namespace: Option<String>,
+
+    /// Faults to inject, for testing only: comma-separated `send-delay-ms=N` (hold every
+    /// outgoing update N ms) and `checkpoint-stall-ms=N` (pause each checkpoint write
+    /// halfway for N ms).
+    #[arg(long, env = "EDGESYNC_INJECT_FAULTS", default_value = "")]
+    pub inject_faults: FaultPlan,
 }
 
 #[derive(Debug, Args)]
@@ -75,7 +82,10 @@ pub fn run_node(args: RunArgs) -> anyhow::Result<()> {
             Box::new(move |event: &_| reporter.observe(event)) as runner::EventHook
         });
 
-        let result = runner::run(config, stop, hook).await;
+        if !args.inject_faults.is_empty() {
+            tracing::warn!(faults = ?args.inject_faults, "injecting faults into this node");
+        }
+        let result = runner::run(config, stop, hook, args.inject_faults).await;
 
         // The runner has dropped its hook, so this is the last reference. A node asked to
         // stop keeps its phase: its pod is being replaced or removed, not done.

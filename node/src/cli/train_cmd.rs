@@ -202,7 +202,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         if let Some(path) = &args.checkpoint {
             let meta = BTreeMap::from([("round".to_string(), round.to_string())]);
             trainer
-                .save_checkpoint(path, Vec::new(), meta)
+                .save_checkpoint(path, Vec::new(), meta, None)
                 .with_context(|| format!("writing checkpoint {}", path.display()))?;
         }
         lines.push(line);

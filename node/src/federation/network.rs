@@ -50,6 +50,9 @@ pub struct NetworkConfig {
     pub members: Vec<Peer>,
     pub max_frame: usize,
     pub request_timeout: Duration,
+    /// An injected fault: every outgoing update waits this long before it is handed to
+    /// the swarm (see `crate::faults`).
+    pub send_delay: Option<Duration>,
 }
 
 /// What a node announces on the presence topic.
@@ -119,6 +122,7 @@ enum Command {
 pub struct NetworkHandle {
     commands: mpsc::Sender<Command>,
     names: HashMap<String, PeerId>,
+    send_delay: Option<Duration>,
 }
 
 impl NetworkHandle {
@@ -129,6 +133,9 @@ impl NetworkHandle {
             peer: peer.to_string(),
             reason: "not a member".into(),
         })?;
+        if let Some(delay) = self.send_delay {
+            tokio::time::sleep(delay).await;
+        }
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Send {
@@ -314,6 +321,7 @@ pub fn spawn(
         NetworkHandle {
             commands: command_tx,
             names,
+            send_delay: config.send_delay,
         },
         event_rx,
         task,

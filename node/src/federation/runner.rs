@@ -31,6 +31,7 @@ use super::momentum::RoundMomentum;
 use super::network::{self, Ack, NetworkEvent, NetworkHandle, Peer, Presence};
 use super::report::{NodeEvent, RoundRecord};
 use crate::data::{self, partition, Dataset, Split};
+use crate::faults::FaultPlan;
 use crate::metrics::NodeMetrics;
 use crate::model;
 use crate::optim::{OptimizerConfig, OptimizerKind};
@@ -91,6 +92,8 @@ struct Node {
     encoding: Encoding,
     deadline: Duration,
     checkpoint: PathBuf,
+    /// Faults this node injects into itself; empty outside fault tests.
+    faults: FaultPlan,
     stop: Arc<AtomicBool>,
     metrics: Arc<NodeMetrics>,
     /// The metrics endpoint, when the configuration asks for one.
@@ -108,13 +111,14 @@ pub enum Outcome {
 }
 
 /// Runs the node described by `config` until its last round, or until `stop` is set;
-/// `hook` sees every progress event.
+/// `hook` sees every progress event, and `faults` is what the node injects into itself.
 pub async fn run(
     config: NodeConfig,
     stop: Arc<AtomicBool>,
     hook: Option<EventHook>,
+    faults: FaultPlan,
 ) -> anyhow::Result<Outcome> {
-    let mut node = Node::start(config, stop, hook).await?;
+    let mut node = Node::start(config, stop, hook, faults).await?;
     node.join_current_round().await;
     let rounds = node.config.federation_spec.rounds;
     while node.round <= rounds && !node.stop.load(Ordering::Relaxed) {
@@ -137,6 +141,7 @@ impl Node {
         config: NodeConfig,
         stop: Arc<AtomicBool>,
         hook: Option<EventHook>,
+        faults: FaultPlan,
     ) -> anyhow::Result<Node> {
         let device = crate::device::select(config.threads);
         let me = config
@@ -211,7 +216,8 @@ impl Node {
             .state_dir
             .join(format!("{}.safetensors", config.name));
 
-        let (network, events) = start_network(&config, layout.max_frame, deadline)?;
+        let (network, events) =
+            start_network(&config, layout.max_frame, deadline, faults.send_delay)?;
         metrics.readiness.listening.store(true, Ordering::Relaxed);
         let train_samples = train.len();
         let mut node = Node {
@@ -236,6 +242,7 @@ impl Node {
             encoding,
             deadline,
             checkpoint,
+            faults,
             stop,
             metrics,
             server,
@@ -290,7 +297,9 @@ impl Node {
         meta.insert("round".into(), self.round.to_string());
         meta.insert("federation".into(), self.config.federation.clone());
         let path = self.checkpoint.clone();
-        self.trainer().save_checkpoint(&path, tensors, meta)?;
+        let stall = self.faults.checkpoint_stall;
+        self.trainer()
+            .save_checkpoint(&path, tensors, meta, stall)?;
         Ok(())
     }
 
@@ -911,6 +920,7 @@ fn start_network(
     config: &NodeConfig,
     max_frame: usize,
     deadline: Duration,
+    send_delay: Option<Duration>,
 ) -> anyhow::Result<(NetworkHandle, mpsc::Receiver<NetworkEvent>)> {
     let key_bytes = std::fs::read(&config.key_file)
         .with_context(|| format!("reading identity key {}", config.key_file.display()))?;
@@ -956,6 +966,7 @@ fn start_network(
         members,
         max_frame,
         request_timeout: deadline,
+        send_delay,
     };
     let presence = Presence {
         node: config.name.clone(),
