@@ -97,6 +97,10 @@ pub enum DecodeError {
     TooLarge { size: usize, limit: usize },
     #[error("string field longer than {MAX_STRING} bytes or not UTF-8")]
     BadString,
+    #[error("header flags {0:#04x} set bits this version does not define")]
+    BadFlags(u8),
+    #[error("a tensor of rank {0}: at most {MAX_DIMS} dimensions are allowed")]
+    BadRank(usize),
     #[error("update is for federation {0:?}")]
     WrongFederation(String),
     #[error("parameter {name} declares shape {found:?}, expected {expected:?}")]
@@ -130,7 +134,10 @@ impl DecodeError {
             DecodeError::Truncated(_) => "truncated",
             DecodeError::BadMagic => "magic",
             DecodeError::BadVersion(_) => "version",
-            DecodeError::BadEncoding(_) | DecodeError::BadString => "malformed",
+            DecodeError::BadEncoding(_)
+            | DecodeError::BadString
+            | DecodeError::BadFlags(_)
+            | DecodeError::BadRank(_) => "malformed",
             DecodeError::TooLarge { .. } => "too_large",
             DecodeError::WrongFederation(_) => "federation",
             DecodeError::ShapeMismatch { .. } | DecodeError::Duplicate(_) => "shape",
@@ -417,6 +424,9 @@ pub fn decode(bytes: &[u8], layout: &Layout) -> Result<Update, DecodeError> {
         return Err(DecodeError::BadVersion(version));
     }
     let flags = r.u8()?;
+    if flags & !FLAG_KEYFRAME != 0 {
+        return Err(DecodeError::BadFlags(flags));
+    }
     let encoding_tag = r.u8()?;
     if encoding_tag > 4 {
         return Err(DecodeError::BadEncoding(encoding_tag));
@@ -444,7 +454,7 @@ pub fn decode(bytes: &[u8], layout: &Layout) -> Result<Update, DecodeError> {
         let name = r.string()?;
         let ndim = r.u8()? as usize;
         if ndim > MAX_DIMS {
-            return Err(DecodeError::BadString);
+            return Err(DecodeError::BadRank(ndim));
         }
         let mut shape = Vec::with_capacity(ndim);
         for _ in 0..ndim {
@@ -546,7 +556,10 @@ fn decode_values(
             let scale = f32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
             // Each kept entry costs at least two bytes, so k is bounded by the payload
             // before anything is allocated for it.
-            if k > numel || k > payload.len() / 2 || !scale.is_finite() {
+            if !scale.is_finite() {
+                return Err(DecodeError::NonFinite(name.to_string()));
+            }
+            if k > numel || k > payload.len() / 2 {
                 return Err(length_error(8 + 2 * k.min(numel)));
             }
             let bad_indices = || DecodeError::BadIndices(name.to_string());
@@ -791,6 +804,13 @@ mod tests {
         bad.push(0);
         assert_eq!(decode(&bad, &layout()).unwrap_err().reason(), "malformed");
 
+        // Flag bits this version does not define: a newer or a corrupt sender.
+        let mut bad = frame.clone();
+        bad[6] |= 0x80;
+        let err = decode(&bad, &layout()).unwrap_err();
+        assert_eq!(err, DecodeError::BadFlags(0x80));
+        assert_eq!(err.reason(), "malformed");
+
         let mut tight = layout();
         tight.max_frame = 100;
         assert_eq!(decode(&frame, &tight).unwrap_err().reason(), "too_large");
@@ -917,10 +937,12 @@ mod tests {
             Err(DecodeError::ShapeMismatch { expected, .. }) if expected.is_empty()
         ));
         // More dimensions than any tensor has.
+        let frame = raw_frame(0, &[("fc.bias", &[1; 9], &bias)]);
         assert_eq!(
-            reason(&raw_frame(0, &[("fc.bias", &[1; 9], &bias)])),
-            "malformed"
+            decode(&frame, &layout()).unwrap_err(),
+            DecodeError::BadRank(9)
         );
+        assert_eq!(reason(&frame), "malformed");
         assert_eq!(reason(&raw_frame(5, &[])), "malformed");
     }
 
@@ -980,12 +1002,7 @@ mod tests {
             top_k.extend(scale.to_le_bytes());
             top_k.extend([0, 127]);
             let frame = raw_frame(3, &[("fc.bias", &[10], &top_k)]);
-            let want = if scale.is_finite() {
-                "non_finite"
-            } else {
-                "malformed"
-            };
-            assert_eq!(reason(&frame), want, "top-k scale {scale}");
+            assert_eq!(reason(&frame), "non_finite", "top-k scale {scale}");
 
             // Eight bits, one block: code 254 is the top level, 127 is zero.
             let mut quantised = vec![8u8];
