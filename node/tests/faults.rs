@@ -1,5 +1,6 @@
-//! A node killed in the middle of a federation: the others keep their round deadline and
-//! finish, and the killed node, restarted, resumes from its checkpoint.
+//! A node killed in the middle of a federation, even in the middle of writing its
+//! checkpoint: the others keep their round deadline and finish, and the killed node,
+//! restarted, resumes from its last complete checkpoint.
 
 mod common;
 
@@ -13,11 +14,21 @@ use edgesync_node::federation::launcher::{plan, LocalOptions};
 use edgesync_node::federation::report::NodeEvent;
 
 fn start(config: &std::path::Path, events: mpsc::Sender<NodeEvent>) -> Child {
+    start_injecting(config, events, "")
+}
+
+/// Starts `dfl-node run` injecting `faults` into itself; its events go to `events`.
+fn start_injecting(
+    config: &std::path::Path,
+    events: mpsc::Sender<NodeEvent>,
+    faults: &str,
+) -> Child {
     let log = std::fs::File::create(config.with_file_name("test.log")).unwrap();
     let mut child = Command::new(dfl_node())
         .arg("run")
         .arg("--config")
         .arg(config)
+        .env("EDGESYNC_INJECT_FAULTS", faults)
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
@@ -162,6 +173,123 @@ fn killed_node_does_not_stall_the_others_and_resumes_from_its_checkpoint() {
         Some(&rounds),
         "restarted node reached the last round"
     );
+}
+
+/// The rounds `node` reported, in order.
+fn rounds_of(events: &[NodeEvent], node: &str) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::Round(r) if r.node == node => Some(r.round),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_checkpoint_write_killed_halfway_leaves_the_previous_one_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = 8;
+    let manifest = Federation {
+        name: "torn",
+        rounds,
+        local_steps: 10,
+        deadline_seconds: 3.0,
+        eval_every: 4,
+        ..Default::default()
+    }
+    .write(dir.path());
+    let plan = plan(&LocalOptions {
+        manifest,
+        report_dir: Some(dir.path().join("run")),
+        resume: false,
+        threads_per_node: Some(1),
+    })
+    .unwrap();
+    let victim = "node-1";
+    let state = dir.path().join("run/nodes").join(victim);
+    let checkpoint = state.join(format!("{victim}.safetensors"));
+    let partial = state.join(format!("{victim}.safetensors.tmp"));
+
+    // Every checkpoint write of the victim pauses halfway for 4 s: the first completes,
+    // the second is where it dies.
+    let (tx, rx) = mpsc::channel();
+    let mut children: Vec<(String, Child)> = plan
+        .configs
+        .iter()
+        .map(|(name, path)| {
+            let faults = if name == victim {
+                "checkpoint-stall-ms=4000"
+            } else {
+                ""
+            };
+            (name.clone(), start_injecting(path, tx.clone(), faults))
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(120);
+    while !checkpoint.exists() {
+        assert!(
+            Instant::now() < until,
+            "the victim never wrote a checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    while !partial.metadata().is_ok_and(|m| m.len() > 0) {
+        assert!(
+            Instant::now() < until,
+            "the victim never began a second checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let victim_child = &mut children.iter_mut().find(|(n, _)| n == victim).unwrap().1;
+    victim_child.kill().unwrap();
+    victim_child.wait().unwrap();
+
+    // What the crash left: a torn temporary file, and the previous checkpoint intact.
+    let torn = std::fs::read(&partial).unwrap();
+    let complete = std::fs::read(&checkpoint).unwrap();
+    assert!(!torn.is_empty() && torn.len() < complete.len() * 3 / 4);
+    assert!(edgesync_node::checkpoint::load(&partial).is_err());
+    let saved: u64 = edgesync_node::checkpoint::load(&checkpoint)
+        .expect("the previous checkpoint is still valid")
+        .field("round")
+        .unwrap();
+    let before: Vec<NodeEvent> = rx.try_iter().collect();
+    assert_eq!(
+        rounds_of(&before, victim).last(),
+        Some(&saved),
+        "the valid checkpoint holds the last round the victim finished"
+    );
+
+    let mut restarted = start(&plan.configs[victim], tx.clone());
+    drop(tx);
+    for (name, child) in children.iter_mut().filter(|(n, _)| n != victim) {
+        assert!(
+            wait(child, Duration::from_secs(180)).success(),
+            "{name} failed"
+        );
+    }
+    assert!(wait(&mut restarted, Duration::from_secs(180)).success());
+    let after: Vec<NodeEvent> = rx.try_iter().collect();
+    let resumed_at = after
+        .iter()
+        .find_map(|e| match e {
+            NodeEvent::Started { node, round, .. } if node == victim => Some(*round),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        resumed_at > saved,
+        "resumed at round {resumed_at} from {saved}"
+    );
+    assert_eq!(rounds_of(&after, victim).last(), Some(&rounds));
+    for survivor in ["node-0", "node-2"] {
+        let all: Vec<u64> = rounds_of(&before, survivor)
+            .into_iter()
+            .chain(rounds_of(&after, survivor))
+            .collect();
+        assert_eq!(all, (1..=rounds).collect::<Vec<_>>(), "{survivor}");
+    }
 }
 
 #[test]
