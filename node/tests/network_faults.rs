@@ -164,7 +164,9 @@ const NODES: usize = 4;
 const DEADLINE: f64 = 3.0;
 
 impl Testbed {
-    fn new(name: &str, rounds: u64, deadline: f64, eval_every: u64) -> Testbed {
+    /// Plans the federation; `on_hosts` moves its nodes onto the two hosts' addresses,
+    /// otherwise they stay on loopback, as the launcher planned them.
+    fn new(name: &str, rounds: u64, on_hosts: bool) -> Testbed {
         let dir = tempfile::tempdir().unwrap();
         let manifest = Federation {
             name,
@@ -172,8 +174,8 @@ impl Testbed {
             topology: "{kind: ring}",
             rounds,
             local_steps: 10,
-            deadline_seconds: deadline,
-            eval_every,
+            deadline_seconds: DEADLINE,
+            eval_every: rounds,
             ..Default::default()
         }
         .write(dir.path());
@@ -192,6 +194,10 @@ impl Testbed {
         };
         let mut configs = Vec::new();
         for (name, path) in &plan.configs {
+            configs.push((name.clone(), path.clone()));
+            if !on_hosts {
+                continue;
+            }
             let mut config = NodeConfig::load(path).unwrap();
             config.listen = address(name);
             for member in &mut config.members {
@@ -199,7 +205,6 @@ impl Testbed {
             }
             config.metrics_address = None;
             std::fs::write(path, serde_yaml::to_string(&config).unwrap()).unwrap();
-            configs.push((name.clone(), path.clone()));
         }
         Testbed { _dir: dir, configs }
     }
@@ -347,7 +352,7 @@ struct PartitionOutcome {
 
 fn partition_run(name: &str, rounds: u64, cut_at: u64, heal_at: u64) -> Option<PartitionOutcome> {
     let hosts = Hosts::create(name)?;
-    let testbed = Testbed::new(name, rounds, DEADLINE, rounds);
+    let testbed = Testbed::new(name, rounds, true);
     let (tx, rx) = mpsc::channel();
     let mut children = testbed.start(Some(&hosts), &[""; NODES], &tx);
     drop(tx);
@@ -425,7 +430,7 @@ fn both_sides_of_a_partition_keep_training_and_reconverge_after_it_heals() {
 /// A federation on a lossy, narrow link where one node's sends are also delayed.
 fn bad_link_run(name: &str, rounds: u64) -> Option<Vec<RoundRecord>> {
     let hosts = Hosts::create(name)?;
-    let testbed = Testbed::new(name, rounds, DEADLINE, rounds);
+    let testbed = Testbed::new(name, rounds, true);
     hosts.degrade(0.1, "4mbit");
     // node-1's updates leave 1.5 s late: half its round deadline.
     let faults = ["", "send-delay-ms=1500", "", ""];
@@ -439,7 +444,7 @@ fn bad_link_run(name: &str, rounds: u64) -> Option<Vec<RoundRecord>> {
 
 /// The same federation with no fault, on loopback.
 fn fault_free_run(name: &str, rounds: u64) -> Vec<RoundRecord> {
-    let testbed = Testbed::new(name, rounds, DEADLINE, rounds);
+    let testbed = Testbed::new(name, rounds, false);
     let (tx, rx) = mpsc::channel();
     let mut children = testbed.start(None, &[""; NODES], &tx);
     drop(tx);
