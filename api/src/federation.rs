@@ -160,6 +160,23 @@ pub enum AggregationRule {
     ClippedGossip,
 }
 
+/// What members of different architectures average with each other. The smaller model's
+/// layers keep the first channels of the larger's, so each of its weights is a slice of
+/// the larger model's (the first layer's grey input channel standing for the sum of the
+/// colour channels); batch-norm parameters always stay with each architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SharedLayers {
+    /// Nothing: each architecture learns on its own.
+    None,
+    /// The convolutional feature extractor.
+    #[default]
+    Features,
+    /// The feature extractor and the fully connected classifier; for members that learn
+    /// the same classes.
+    All,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AggregationSpec {
@@ -175,6 +192,9 @@ pub struct AggregationSpec {
     #[serde(default = "default_clip_factor")]
     #[schemars(range(min = 0.0))]
     pub clip_factor: f64,
+    /// Layers shared between members of different architectures.
+    #[serde(default)]
+    pub cross_architecture: SharedLayers,
 }
 
 impl Default for AggregationSpec {
@@ -183,6 +203,7 @@ impl Default for AggregationSpec {
             rule: AggregationRule::default(),
             consensus_step: default_consensus_step(),
             clip_factor: default_clip_factor(),
+            cross_architecture: SharedLayers::default(),
         }
     }
 }

@@ -35,6 +35,7 @@ pub const DROP_REASONS: &[&str] = &[
     "malformed",
     "too_large",
     "federation",
+    "fingerprint",
     "shape",
     "non_finite",
     "other",

@@ -73,13 +73,12 @@ pub struct Header {
     pub fingerprint: String,
 }
 
-/// A decoded update: dense `f32` tensors by parameter name.
+/// A decoded update: dense `f32` tensors by parameter name, each a parameter of the model
+/// the header's fingerprint names, with that model's shape for it.
 #[derive(Debug)]
 pub struct Update {
     pub header: Header,
     pub tensors: Vec<(String, Tensor)>,
-    /// Parameters the sender has that the receiver lacks or shapes differently.
-    pub skipped: Vec<String>,
 }
 
 /// Why a frame was refused. [`DecodeError::reason`] gives a fixed label for metrics.
@@ -103,6 +102,8 @@ pub enum DecodeError {
     BadRank(usize),
     #[error("update is for federation {0:?}")]
     WrongFederation(String),
+    #[error("model fingerprint {0:?} is no member's model")]
+    UnknownModel(String),
     #[error("parameter {name} declares shape {found:?}, expected {expected:?}")]
     ShapeMismatch {
         name: String,
@@ -140,6 +141,7 @@ impl DecodeError {
             | DecodeError::BadRank(_) => "malformed",
             DecodeError::TooLarge { .. } => "too_large",
             DecodeError::WrongFederation(_) => "federation",
+            DecodeError::UnknownModel(_) => "fingerprint",
             DecodeError::ShapeMismatch { .. } | DecodeError::Duplicate(_) => "shape",
             DecodeError::PayloadLength { .. }
             | DecodeError::BadIndices(_)
@@ -150,31 +152,44 @@ impl DecodeError {
     }
 }
 
-/// What the receiver's model looks like; decoding checks frames against it.
+/// What the members' models look like; decoding checks frames against them.
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub federation: String,
-    pub fingerprint: String,
-    pub shapes: HashMap<String, Vec<i64>>,
-    /// Largest frame accepted, derived from the model's size.
+    /// Parameter shapes by name, for each member model by fingerprint.
+    pub models: HashMap<String, HashMap<String, Vec<i64>>>,
+    /// Largest frame accepted: a full-precision frame of the largest member model, with
+    /// room for headers. Anything larger is refused before it is read.
     pub max_frame: usize,
 }
 
 impl Layout {
+    /// The layout of a federation whose members all have the model `params`, of
+    /// fingerprint `fingerprint`; [`Layout::with_model`] adds the others.
     pub fn new(federation: &str, fingerprint: &str, params: &[(String, Tensor)]) -> Layout {
-        let shapes: HashMap<String, Vec<i64>> =
-            params.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-        // A peer's model may differ from ours (heterogeneous federations), so the limit
-        // allows a full-precision frame several times our own size plus per-tensor headers,
-        // and no more: anything larger is refused before it is read.
-        let values: usize = params.iter().map(|(_, t)| t.numel()).sum();
-        let max_frame = 4 * (8 * values + 64 * 1024) + 1024 * params.len();
-        Layout {
+        let layout = Layout {
             federation: federation.to_string(),
-            fingerprint: fingerprint.to_string(),
-            shapes,
-            max_frame,
-        }
+            models: HashMap::new(),
+            max_frame: 0,
+        };
+        let shapes = params.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+        layout.with_model(fingerprint, shapes)
+    }
+
+    /// Also accepts frames from members whose model is `fingerprint`, with these
+    /// parameter names and shapes.
+    pub fn with_model(mut self, fingerprint: &str, shapes: Vec<(String, Vec<i64>)>) -> Layout {
+        let values: usize = shapes
+            .iter()
+            .map(|(_, s)| s.iter().map(|&d| d.max(0) as usize).product::<usize>())
+            .sum();
+        // Twice the fp32 size, per-tensor headers and a fixed allowance: generous for any
+        // encoding of this model, and still a bound set by the model, not the sender.
+        let frame = 2 * 4 * values + 1024 * shapes.len() + 64 * 1024;
+        self.max_frame = self.max_frame.max(frame);
+        self.models
+            .insert(fingerprint.to_string(), shapes.into_iter().collect());
+        self
     }
 }
 
@@ -405,9 +420,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes and validates a frame against the receiver's `layout`. Tensors the receiver's
-/// model lacks, or holds with another shape, are skipped unread when the sender's model is
-/// a different architecture, and are an error when it claims to be the same.
+/// Decodes and validates a frame against the receiver's `layout`: the fingerprint must name
+/// a member model, and every tensor must be a parameter of that model with its shape.
 pub fn decode(bytes: &[u8], layout: &Layout) -> Result<Update, DecodeError> {
     if bytes.len() > layout.max_frame {
         return Err(DecodeError::TooLarge {
@@ -444,11 +458,12 @@ pub fn decode(bytes: &[u8], layout: &Layout) -> Result<Update, DecodeError> {
     if header.federation != layout.federation {
         return Err(DecodeError::WrongFederation(header.federation));
     }
-    let same_model = header.fingerprint == layout.fingerprint;
+    let Some(shapes) = layout.models.get(&header.fingerprint) else {
+        return Err(DecodeError::UnknownModel(header.fingerprint));
+    };
 
     let count = r.u32()? as usize;
     let mut tensors = Vec::new();
-    let mut skipped = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..count {
         let name = r.string()?;
@@ -465,28 +480,17 @@ pub fn decode(bytes: &[u8], layout: &Layout) -> Result<Update, DecodeError> {
         if !seen.insert(name.clone()) {
             return Err(DecodeError::Duplicate(name));
         }
-        match layout.shapes.get(&name) {
+        match shapes.get(&name) {
             Some(expected) if *expected == shape => {}
-            Some(expected) if same_model => {
+            expected => {
                 return Err(DecodeError::ShapeMismatch {
                     name,
                     found: shape,
-                    expected: expected.clone(),
+                    expected: expected.cloned().unwrap_or_default(),
                 })
-            }
-            _ if same_model => {
-                return Err(DecodeError::ShapeMismatch {
-                    name,
-                    found: shape,
-                    expected: Vec::new(),
-                })
-            }
-            _ => {
-                skipped.push(name);
-                continue;
             }
         }
-        // The shape matched one of ours, so the entry count is bounded by our model.
+        // The shape is a member model's, so the entry count is bounded by that model.
         let numel: usize = shape.iter().map(|&d| d as usize).product();
         let values = decode_values(&name, payload, numel, encoding_tag)?;
         if values.iter().any(|v| !v.is_finite()) {
@@ -497,11 +501,7 @@ pub fn decode(bytes: &[u8], layout: &Layout) -> Result<Update, DecodeError> {
     if r.pos != bytes.len() {
         return Err(DecodeError::TrailingBytes(bytes.len() - r.pos));
     }
-    Ok(Update {
-        header,
-        tensors,
-        skipped,
-    })
+    Ok(Update { header, tensors })
 }
 
 fn decode_values(
@@ -821,18 +821,24 @@ mod tests {
     }
 
     #[test]
-    fn same_model_with_other_shapes_is_an_error_other_model_is_partially_used() {
+    fn frames_must_carry_a_member_model_with_its_shapes() {
         let mut wide = params();
         wide[1].1 = Tensor::zeros([20], (Kind::Float, Device::Cpu));
         let (frame, _) = encode(&header(), &wide, Encoding::Fp32);
         assert_eq!(decode(&frame, &layout()).unwrap_err().reason(), "shape");
 
+        // Another architecture is decoded whole, in its own shapes, once it is a member's.
         let mut other_model = header();
         other_model.fingerprint = "beef".into();
         let (frame, _) = encode(&other_model, &wide, Encoding::Fp32);
-        let update = decode(&frame, &layout()).unwrap();
-        assert_eq!(update.tensors.len(), 1);
-        assert_eq!(update.skipped, vec!["fc.bias".to_string()]);
+        let err = decode(&frame, &layout()).unwrap_err();
+        assert_eq!(err, DecodeError::UnknownModel("beef".into()));
+        assert_eq!(err.reason(), "fingerprint");
+        let shapes = wide.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+        let both = layout().with_model("beef", shapes);
+        let update = decode(&frame, &both).unwrap();
+        assert_eq!(update.tensors.len(), 2);
+        assert_eq!(update.tensors[1].1.size(), vec![20]);
     }
 
     #[test]
@@ -1033,6 +1039,9 @@ mod tests {
             DecodeError::TooLarge { size: 2, limit: 1 },
             DecodeError::BadString,
             DecodeError::WrongFederation(name()),
+            DecodeError::UnknownModel(name()),
+            DecodeError::BadFlags(0x80),
+            DecodeError::BadRank(9),
             DecodeError::ShapeMismatch {
                 name: name(),
                 found: vec![],

@@ -9,6 +9,10 @@
 //! toward its neighbours: `x_i += gamma * sum_j w_ij (x̂_j - x̂_i)`. Without compression
 //! and with `gamma = 1` this is exact Metropolis-Hastings averaging of the models.
 //!
+//! A neighbour of another architecture shares only some parameters, or slices of them
+//! (see [`super::alignment`]): its estimate is kept cut down to the shared overlap, and
+//! its differences are lifted back into this node's shapes when mixing.
+//!
 //! Estimates carry a version (the number of differences applied). A difference applies
 //! only to the version it was computed against; a receiver whose copy is off (it lost a
 //! message, restarted, or never heard from the sender) answers that it needs a keyframe,
@@ -18,13 +22,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use tch::{Kind, Tensor};
 
+use super::alignment::Alignment;
 use super::codec::{self, Encoding, Header, Update};
 use super::mixing::Weights;
 
 /// What a node knows of one neighbour's model.
 pub struct Estimate {
-    /// By index into the node's own parameter list; `None` where the neighbour's model
-    /// has no parameter of that name and shape.
+    /// By index into the node's own parameter list, the neighbour's value cut down to the
+    /// overlap with the node's; `None` where nothing is shared.
     values: Vec<Option<Tensor>>,
     pub version: u64,
     /// Whether `values` match the neighbour's public estimate at `version`.
@@ -43,6 +48,16 @@ pub enum Received {
     /// From a round before the last one applied from this sender: a replay (or a frame
     /// overtaken by a newer one), refused so that it cannot roll the estimate back.
     Replayed,
+    /// The frame's model is not the one the member list gives its sender.
+    WrongModel,
+}
+
+/// How a member's model relates to this node's: its fingerprint, and for each of this
+/// node's parameters how the member's corresponds (`None`: not shared).
+#[derive(Debug, Clone)]
+pub struct PeerModel {
+    pub fingerprint: String,
+    pub alignment: Vec<Option<Alignment>>,
 }
 
 pub struct GossipState {
@@ -56,6 +71,9 @@ pub struct GossipState {
     /// The shared initial model, from which same-architecture estimates start.
     initial: Vec<Tensor>,
     index: HashMap<String, usize>,
+    /// Members' models by name; a sender missing here is taken to share everything when
+    /// its fingerprint is this node's and nothing otherwise.
+    peers: HashMap<String, PeerModel>,
     pub neighbours: BTreeMap<String, Estimate>,
     /// Neighbour distances `|x̂_j - x̂_i|` of recent mixing steps, newest last, from which
     /// clipped mixing takes its radius.
@@ -100,8 +118,42 @@ impl GossipState {
             names,
             public,
             public_version: 0,
+            peers: HashMap::new(),
             neighbours: BTreeMap::new(),
             recent_distances: VecDeque::with_capacity(RECENT_DISTANCES),
+        }
+    }
+
+    /// Tells the state how member `name`'s model relates to this node's.
+    pub fn with_peer(mut self, name: &str, model: PeerModel) -> GossipState {
+        self.peers.insert(name.to_string(), model);
+        self
+    }
+
+    /// How `from`'s parameters align with ours, given the fingerprint its frame claims;
+    /// `None` when that is not the model the member list gives it.
+    fn alignment_of(&self, from: &str, fingerprint: &str) -> Option<Vec<Option<Alignment>>> {
+        match self.peers.get(from) {
+            Some(peer) if peer.fingerprint == fingerprint => Some(peer.alignment.clone()),
+            Some(_) => None,
+            None if fingerprint == self.fingerprint => {
+                Some(self.names.iter().map(|_| Some(Alignment::Whole)).collect())
+            }
+            None => Some(self.names.iter().map(|_| None).collect()),
+        }
+    }
+
+    /// The alignment of a known neighbour's estimate (of a sender outside `peers`, the
+    /// one its first frame established).
+    fn known_alignment(&self, from: &str) -> Vec<Option<Alignment>> {
+        match self.peers.get(from) {
+            Some(peer) => peer.alignment.clone(),
+            None => self.neighbours.get(from).map_or_else(Vec::new, |e| {
+                e.values
+                    .iter()
+                    .map(|v| v.as_ref().map(|_| Alignment::Whole))
+                    .collect()
+            }),
         }
     }
 
@@ -150,6 +202,9 @@ impl GossipState {
     /// Applies a decoded update from neighbour `from` to its estimate.
     pub fn receive(&mut self, from: &str, update: Update) -> Received {
         let header = &update.header;
+        let Some(alignment) = self.alignment_of(from, &header.fingerprint) else {
+            return Received::WrongModel;
+        };
         let known = self.neighbours.contains_key(from);
         if !known {
             // Same-architecture neighbours start from the shared initial model at version
@@ -175,11 +230,16 @@ impl GossipState {
             return Received::Replayed;
         }
 
+        let shared = |name: &String| {
+            let &i = self.index.get(name)?;
+            Some((i, alignment[i].as_ref()?))
+        };
         if header.keyframe {
             estimate.values = (0..self.names.len()).map(|_| None).collect();
             for (name, tensor) in &update.tensors {
-                if let Some(&i) = self.index.get(name) {
-                    estimate.values[i] = Some(tensor.to_device(self.public[i].device()));
+                if let Some((i, align)) = shared(name) {
+                    let value = align.theirs_to_overlap(tensor).copy();
+                    estimate.values[i] = Some(value.to_device(self.public[i].device()));
                 }
             }
             estimate.version = header.base_version;
@@ -187,10 +247,11 @@ impl GossipState {
         } else if estimate.in_sync && estimate.version == header.base_version {
             tch::no_grad(|| {
                 for (name, q) in &update.tensors {
-                    let Some(&i) = self.index.get(name) else {
+                    let Some((i, align)) = shared(name) else {
                         continue;
                     };
                     if let Some(value) = estimate.values[i].as_mut() {
+                        let q = align.theirs_to_overlap(q);
                         let _ = value.g_add_(&q.to_device(value.device()));
                     }
                 }
@@ -222,13 +283,19 @@ impl GossipState {
         oldest_round: u64,
         mixing: Mixing,
     ) -> Vec<String> {
-        let used: Vec<(&String, &Estimate, f64)> = weights
+        let mut alignments: HashMap<&String, Vec<Option<Alignment>>> = weights
+            .neighbours
+            .keys()
+            .map(|name| (name, self.known_alignment(name)))
+            .collect();
+        let used: Vec<(&String, &Estimate, f64, Vec<Option<Alignment>>)> = weights
             .neighbours
             .iter()
             .filter_map(|(name, &w)| {
                 let e = self.neighbours.get(name)?;
                 let fresh = e.last_round.is_some_and(|r| r >= oldest_round);
-                (e.in_sync && fresh).then_some((name, e, w))
+                let align = alignments.remove(name)?;
+                (e.in_sync && fresh).then_some((name, e, w, align))
             })
             .collect();
 
@@ -238,7 +305,7 @@ impl GossipState {
             Mixing::Clipped { factor } => {
                 let distances: Vec<f64> = used
                     .iter()
-                    .map(|(_, e, _)| distance(&e.values, &self.public))
+                    .map(|(_, e, _, align)| distance(&e.values, &self.public, align))
                     .collect();
                 let mut history: Vec<f64> = self
                     .recent_distances
@@ -264,11 +331,13 @@ impl GossipState {
         tch::no_grad(|| {
             for (i, x) in params.iter_mut().enumerate() {
                 let mut correction: Option<Tensor> = None;
-                for ((_, estimate, w), scale) in used.iter().zip(&scales) {
-                    let Some(value) = &estimate.values[i] else {
+                for ((_, estimate, w, align), scale) in used.iter().zip(&scales) {
+                    let (Some(value), Some(align)) = (&estimate.values[i], &align[i]) else {
                         continue;
                     };
-                    let term = (value - &self.public[i]) * (gamma * w * scale);
+                    let public = &self.public[i];
+                    let difference = value - align.mine_to_overlap(public);
+                    let term = align.lift(difference, public) * (gamma * w * scale);
                     correction = Some(match correction {
                         Some(c) => c + term,
                         None => term,
@@ -279,26 +348,25 @@ impl GossipState {
                 }
             }
         });
-        used.into_iter().map(|(n, _, _)| n.clone()).collect()
+        used.into_iter().map(|(n, ..)| n.clone()).collect()
     }
 
     /// Root-mean-square L2 distance between `params` and the in-sync neighbour estimates,
     /// over the parameters each shares.
     pub fn consensus_distance(&self, params: &[Tensor]) -> Option<f64> {
+        let params: Vec<Tensor> = params.iter().map(as_f32).collect();
         let distances: Vec<f64> = self
             .neighbours
-            .values()
-            .filter(|e| e.in_sync)
-            .filter_map(|e| {
-                let mut sum = 0.0;
-                let mut shared = false;
-                for (x, v) in params.iter().zip(&e.values) {
-                    if let Some(v) = v {
-                        shared = true;
-                        sum += (as_f32(x) - v).square().sum(Kind::Double).double_value(&[]);
-                    }
-                }
-                shared.then_some(sum)
+            .iter()
+            .filter(|(_, e)| e.in_sync)
+            .filter_map(|(name, e)| {
+                let align = self.known_alignment(name);
+                let shared = e
+                    .values
+                    .iter()
+                    .zip(&align)
+                    .any(|(v, a)| v.is_some() && a.is_some());
+                shared.then(|| distance(&e.values, &params, &align).powi(2))
             })
             .collect();
         (!distances.is_empty())
@@ -363,7 +431,7 @@ impl GossipState {
             else {
                 continue;
             };
-            let values = self
+            let values: Vec<Option<Tensor>> = self
                 .names
                 .iter()
                 .map(|n| {
@@ -372,6 +440,26 @@ impl GossipState {
                         .map(|t| t.copy())
                 })
                 .collect();
+            // An estimate saved under another alignment (the manifest changed what is
+            // shared) cannot be used; the peer will send a keyframe instead.
+            let expected: Vec<Option<Vec<i64>>> = match self.peers.get(peer) {
+                Some(model) => model
+                    .alignment
+                    .iter()
+                    .zip(&self.public)
+                    .map(|(a, x)| a.as_ref().map(|a| a.mine_to_overlap(x).size()))
+                    .collect(),
+                None => self.public.iter().map(|x| Some(x.size())).collect(),
+            };
+            let fits = values.iter().zip(&expected).all(|(v, e)| match (v, e) {
+                (Some(v), Some(e)) => v.size() == *e,
+                (Some(_), None) => false,
+                (None, _) => true,
+            });
+            if !fits {
+                tracing::warn!(%peer, "saved estimate does not fit the current alignment");
+                continue;
+            }
             let last_round = meta
                 .get(&format!("gossip.peer.{peer}.round"))
                 .and_then(|r| r.parse().ok());
@@ -388,12 +476,17 @@ impl GossipState {
     }
 }
 
-/// L2 distance between an estimate and `reference` over the parameters it holds.
-fn distance(values: &[Option<Tensor>], reference: &[Tensor]) -> f64 {
+/// L2 distance between an estimate and `reference` over the overlap of the parameters it
+/// holds.
+fn distance(values: &[Option<Tensor>], reference: &[Tensor], align: &[Option<Alignment>]) -> f64 {
     let squares: f64 = values
         .iter()
         .zip(reference)
-        .filter_map(|(v, r)| v.as_ref().map(|v| (v - r).square().sum(Kind::Double)))
+        .zip(align)
+        .filter_map(|((v, r), a)| {
+            let (v, a) = (v.as_ref()?, a.as_ref()?);
+            Some((v - a.mine_to_overlap(r)).square().sum(Kind::Double))
+        })
         .map(|t| t.double_value(&[]))
         .sum();
     squares.sqrt()
@@ -655,5 +748,89 @@ mod tests {
         let frame = a.prepare(&[model(3.0)[0].1.shallow_clone()], 2, Encoding::Fp32);
         let got = restored.receive("a", decode(&frame, &layout()).unwrap());
         assert!(matches!(got, Received::Applied { shared: 1 }));
+    }
+
+    #[test]
+    fn different_architectures_average_their_overlap_and_keep_the_rest() {
+        use crate::federation::alignment::{self, ModelShapes};
+        use edgesync_api::SharedLayers;
+
+        let tensor = |shape: &[i64], seed: f64| {
+            Tensor::arange(shape.iter().product::<i64>(), (Kind::Float, Device::Cpu))
+                .view(shape)
+                .sin()
+                * seed
+        };
+        // A colour model with four filters, and a grey one holding the first two.
+        let wide = vec![
+            ("bn1.weight".to_string(), tensor(&[4], 1.0)),
+            ("conv1.weight".to_string(), tensor(&[4, 3, 1, 1], 1.0)),
+        ];
+        let narrow = vec![
+            ("bn1.weight".to_string(), tensor(&[2], -2.0)),
+            ("conv1.weight".to_string(), tensor(&[2, 1, 1, 1], -2.0)),
+        ];
+        let shapes = |fp: &str, p: &[(String, Tensor)]| ModelShapes {
+            fingerprint: fp.into(),
+            params: p.iter().map(|(n, t)| (n.clone(), t.size())).collect(),
+        };
+        let (w, n) = (shapes("wide", &wide), shapes("narrow", &narrow));
+        let peer = |mine: &ModelShapes, theirs: &ModelShapes| PeerModel {
+            fingerprint: theirs.fingerprint.clone(),
+            alignment: alignment::plan(mine, theirs, SharedLayers::Features),
+        };
+        let mut states = [
+            GossipState::new("demo", "wide", "wide", &wide).with_peer("narrow", peer(&w, &n)),
+            GossipState::new("demo", "narrow", "narrow", &narrow).with_peer("wide", peer(&n, &w)),
+        ];
+        let layout = Layout::new("demo", "wide", &wide).with_model("narrow", n.params.clone());
+        let mut params: [Vec<Tensor>; 2] = [
+            wide.iter().map(|(_, t)| t.copy()).collect(),
+            narrow.iter().map(|(_, t)| t.copy()).collect(),
+        ];
+        let before: Vec<Vec<Tensor>> = params
+            .iter()
+            .map(|p| p.iter().map(|t| t.copy()).collect())
+            .collect();
+        let names = ["wide", "narrow"];
+
+        // A stranger's first difference asks for a keyframe; the keyframe is then applied.
+        for (i, j) in [(0, 1), (1, 0)] {
+            let frame = states[i].prepare(&params[i], 1, Encoding::Fp32);
+            let got = states[j].receive(names[i], decode(&frame, &layout).unwrap());
+            assert_eq!(got, Received::NeedKeyframe);
+            let keyframe = states[i].keyframe(1);
+            let got = states[j].receive(names[i], decode(&keyframe, &layout).unwrap());
+            assert_eq!(got, Received::Applied { shared: 1 });
+        }
+        for (i, j) in [(0, 1), (1, 0)] {
+            let weights = Weights {
+                own: 0.5,
+                neighbours: BTreeMap::from([(names[j].to_string(), 0.5)]),
+            };
+            states[i].mix(&mut params[i], &weights, 1.0, 1, Mixing::Average);
+        }
+
+        // Exact averaging of the overlap: the wide model's channel sum over its first two
+        // filters now equals the narrow model's kernel, halfway between where both began.
+        let sum = |t: &Tensor| {
+            t.narrow(0, 0, 2)
+                .sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+        };
+        let middle = (sum(&before[0][1]) + &before[1][1]) / 2.0;
+        assert!(sum(&params[0][1]).allclose(&middle, 1e-5, 1e-5, false));
+        assert!(params[1][1].allclose(&middle, 1e-5, 1e-5, false));
+        // What only the wide model has, and batch norm on both sides, did not move.
+        assert!(params[0][1]
+            .narrow(0, 2, 2)
+            .equal(&before[0][1].narrow(0, 2, 2)));
+        assert!(params[0][0].equal(&before[0][0]) && params[1][0].equal(&before[1][0]));
+
+        // A frame claiming a model other than the member list's for its sender is refused.
+        let frame = states[0].keyframe(2);
+        assert_eq!(
+            states[0].receive("narrow", decode(&frame, &layout).unwrap()),
+            Received::WrongModel
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! differences with their neighbours over libp2p and gossip-average with
 //! Metropolis-Hastings weights.
 //!
+//! - [`alignment`]: which parameters members of different architectures share;
 //! - [`codec`]: the update wire format and its validation;
 //! - [`gossip`]: neighbour estimates and the compressed gossip step (CHOCO-SGD);
 //! - [`mixing`]: Metropolis-Hastings weights;
@@ -12,6 +13,7 @@
 //! - [`launcher`]: a whole federation as local processes (`dfl-node local`);
 //! - [`report`]: per-round records, CSV and plots.
 
+pub mod alignment;
 pub mod codec;
 pub mod config;
 pub mod gossip;

@@ -6,7 +6,7 @@
 //! weights, apply momentum, evaluate when due, and checkpoint. Progress is printed as one
 //! JSON object per line on stdout for whoever launched the node.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,9 +22,10 @@ use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::alignment::{self, ModelShapes};
 use super::codec::{self, Encoding, Layout};
 use super::config::{self, NodeConfig};
-use super::gossip::{GossipState, Mixing, Received};
+use super::gossip::{GossipState, Mixing, PeerModel, Received};
 use super::misbehaviour;
 use super::mixing::metropolis_hastings;
 use super::momentum::RoundMomentum;
@@ -176,8 +177,30 @@ impl Node {
         let fingerprint = trainer.fingerprint();
         let params = trainer.parameters();
         let trainable = trainable_indices(&trainer, &params);
-        let layout = Layout::new(&config.federation, &fingerprint, &params);
-        let gossip = GossipState::new(&config.federation, &config.name, &fingerprint, &params);
+        let own = ModelShapes {
+            fingerprint: fingerprint.clone(),
+            params: params.iter().map(|(n, t)| (n.clone(), t.size())).collect(),
+        };
+        let shared = config.federation_spec.aggregation.cross_architecture;
+        let mut layout = Layout::new(&config.federation, &fingerprint, &params);
+        let mut gossip = GossipState::new(&config.federation, &config.name, &fingerprint, &params);
+        let mut partners = BTreeSet::new();
+        for (name, model) in member_models(&config) {
+            if name == config.name {
+                continue;
+            }
+            let alignment = alignment::plan(&own, &model, shared);
+            let neighbour = config.members.iter().any(|m| m.name == name && m.neighbour);
+            if neighbour && alignment.iter().any(Option::is_some) {
+                partners.insert(name.clone());
+            }
+            layout = layout.with_model(&model.fingerprint, model.params);
+            let peer = PeerModel {
+                fingerprint: model.fingerprint,
+                alignment,
+            };
+            gossip = gossip.with_peer(&name, peer);
+        }
         let trainable_params: Vec<Tensor> = trainable
             .iter()
             .map(|&i| params[i].1.shallow_clone())
@@ -187,7 +210,6 @@ impl Node {
             config.federation_spec.momentum.beta,
             &trainable_params,
         );
-        let partners = exchange_partners(&config, &params);
         let neighbours: BTreeSet<String> = config
             .members
             .iter()
@@ -693,6 +715,15 @@ impl Node {
                             self.metrics.exchange.dropped("replayed", 1);
                             Ack::Rejected("replayed".into())
                         }
+                        Received::WrongModel => {
+                            *self
+                                .counters
+                                .updates_dropped
+                                .entry("fingerprint")
+                                .or_default() += 1;
+                            self.metrics.exchange.dropped("fingerprint", 1);
+                            Ack::Rejected("fingerprint".into())
+                        }
                     },
                 };
                 let _ = self.network.respond(reply, ack).await;
@@ -897,23 +928,36 @@ fn trainable_indices(trainer: &Trainer, params: &[(String, Tensor)]) -> Vec<usiz
         .collect()
 }
 
-/// Neighbours whose models have at least one parameter of the same name and shape as ours.
-fn exchange_partners(config: &NodeConfig, params: &[(String, Tensor)]) -> BTreeSet<String> {
-    let ours: HashMap<&str, Vec<i64>> =
-        params.iter().map(|(n, t)| (n.as_str(), t.size())).collect();
-    config
-        .members
-        .iter()
-        .filter(|m| m.neighbour && m.name != config.name)
-        .filter(|m| {
-            let vs = nn::VarStore::new(tch::Device::Cpu);
-            let _model = model::Cnn::new(&vs.root(), config::model_spec(&m.model));
-            vs.variables()
-                .iter()
-                .any(|(n, t)| ours.get(n.as_str()).is_some_and(|s| *s == t.size()))
-        })
-        .map(|m| m.name.clone())
-        .collect()
+/// Every member's model as this node sees it, by member name. Members of the same kind
+/// share one model, built once on the CPU to read its parameters.
+fn member_models(config: &NodeConfig) -> BTreeMap<String, ModelShapes> {
+    let mut built: Vec<(config::MemberModel, ModelShapes)> = Vec::new();
+    let mut models = BTreeMap::new();
+    for member in &config.members {
+        let known = built.iter().find(|(m, _)| *m == member.model);
+        let shapes = match known {
+            Some((_, shapes)) => shapes.clone(),
+            None => {
+                let spec = config::model_spec(&member.model);
+                let vs = nn::VarStore::new(tch::Device::Cpu);
+                let _model = model::Cnn::new(&vs.root(), spec);
+                let mut params: Vec<(String, Vec<i64>)> = vs
+                    .variables()
+                    .into_iter()
+                    .map(|(n, t)| (n, t.size()))
+                    .collect();
+                params.sort();
+                let shapes = ModelShapes {
+                    fingerprint: model::fingerprint(spec.architecture, &vs),
+                    params,
+                };
+                built.push((member.model, shapes.clone()));
+                shapes
+            }
+        };
+        models.insert(member.name.clone(), shapes);
+    }
+    models
 }
 
 fn start_network(
