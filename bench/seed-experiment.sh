@@ -37,8 +37,9 @@ for variant in "${variants[@]}"; do
       "$node" local --report-dir "$out/quant" -f "$(manifest \
         "s/      kind: none$/      kind: quantized\n      bits: 3/" quant)" ;;
     topk)
-      "$node" local --report-dir "$out/topk" -f "$(manifest \
-        "s/      kind: none$/      kind: topK\n      fraction: 0.1/; s/consensusStep: 1.0/consensusStep: 0.5/" topk)" ;;
+      topk_edit="s/      kind: none$/      kind: topK\n      fraction: 0.1/"
+      topk_edit+="; s/consensusStep: 1.0/consensusStep: 0.5/"
+      "$node" local --report-dir "$out/topk" -f "$(manifest "$topk_edit" topk)" ;;
     solo) "$node" local -f "$(manifest 's/kind: fullMesh/kind: isolated/' solo)" \
         --report-dir "$out/solo" ;;
     central)
