@@ -581,3 +581,135 @@ impl EventLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    struct Host {
+        keypair: identity::Keypair,
+        address: Multiaddr,
+    }
+
+    impl Host {
+        fn new() -> Host {
+            Host {
+                keypair: identity::Keypair::generate_ed25519(),
+                address: format!("/ip4/127.0.0.1/tcp/{}", free_port())
+                    .parse()
+                    .unwrap(),
+            }
+        }
+
+        fn as_peer(&self, name: &str, dial: bool) -> Peer {
+            Peer {
+                name: name.into(),
+                id: self.keypair.public().to_peer_id(),
+                addresses: vec![self.address.clone()],
+                dial,
+            }
+        }
+
+        fn start(
+            &self,
+            name: &str,
+            members: Vec<Peer>,
+        ) -> (NetworkHandle, mpsc::Receiver<NetworkEvent>) {
+            let config = NetworkConfig {
+                keypair: self.keypair.clone(),
+                listen: self.address.clone(),
+                federation: "guarded".into(),
+                members,
+                max_frame: 1 << 16,
+                request_timeout: Duration::from_secs(3),
+                send_delay: None,
+            };
+            let presence = Presence {
+                node: name.into(),
+                round: 0,
+                degree: 1,
+                done: false,
+            };
+            let (handle, events, _task) = spawn(config, presence).unwrap();
+            (handle, events)
+        }
+    }
+
+    /// Sends `frame` to `peer` until an attempt returns, at most `attempts` times: the
+    /// first may start before the connection is up.
+    async fn send(
+        handle: &NetworkHandle,
+        peer: &str,
+        attempts: usize,
+    ) -> Result<Ack, NetworkError> {
+        let mut result = Err(NetworkError::Stopped);
+        for _ in 0..attempts {
+            result = handle.send(peer, b"frame".to_vec()).await;
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        result
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stranger_is_refused_at_the_connection_and_nothing_it_sends_arrives() {
+        let (guard, member, stranger) = (Host::new(), Host::new(), Host::new());
+        // The guard's federation is the guard and the member; the stranger believes the
+        // guard is its neighbour.
+        let (guard_net, mut guard_events) =
+            guard.start("guard", vec![member.as_peer("member", false)]);
+        let (member_net, _member_events) =
+            member.start("member", vec![guard.as_peer("guard", true)]);
+        let (stranger_net, _stranger_events) =
+            stranger.start("stranger", vec![guard.as_peer("guard", true)]);
+
+        // The guard answers every frame that reaches it and counts refusals until told to
+        // stop.
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let guard_task = tokio::spawn(async move {
+            let (mut from, mut refused) = (Vec::new(), 0);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    event = guard_events.recv() => match event {
+                        Some(NetworkEvent::Update { from: peer, reply, .. }) => {
+                            from.push(peer);
+                            guard_net.respond(reply, Ack::Applied).await.unwrap();
+                        }
+                        Some(NetworkEvent::StrangerRefused) => refused += 1,
+                        Some(_) => {}
+                        None => break,
+                    },
+                }
+            }
+            (from, refused)
+        });
+        let stranger_result = send(&stranger_net, "guard", 5).await;
+        // A member's frame arrives and is answered: the guard is listening and working.
+        let member_result = send(&member_net, "guard", 10).await;
+        stop.send(()).unwrap();
+        let (from, refused) = guard_task.await.unwrap();
+
+        assert!(
+            member_result.is_ok(),
+            "the member's update failed: {member_result:?}"
+        );
+        assert!(
+            stranger_result.is_err(),
+            "the stranger's update was answered"
+        );
+        assert!(refused >= 1, "no refusal was counted");
+        assert!(
+            from.iter().all(|p| p == "member"),
+            "frames arrived from {from:?}"
+        );
+        assert!(!from.is_empty());
+    }
+}
