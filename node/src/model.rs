@@ -128,6 +128,71 @@ impl ModuleT for Cnn {
     }
 }
 
+/// The leading channels of a wider network, trained as a network of their own.
+///
+/// A narrower member of the federation holds exactly the leading channels of every layer
+/// of this model (see `federation::alignment`), and averages them with this model's. Those
+/// channels only make a working network if they are trained to work without the rest, so a
+/// node with such a neighbour also trains them alone each step, as nested ("ordered")
+/// dropout does (FjORD, Horváth et al., 2021): every channel past the leading `fraction` is
+/// zeroed after its activation, so later layers see only the leading ones.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SubNetwork {
+    /// Share of every layer's channels kept, in (0, 1].
+    pub fraction: f64,
+    /// Feed the sub-network grey images (the luma of each input, in all three colour
+    /// channels), as the narrower member sees them.
+    pub grey: bool,
+}
+
+impl Cnn {
+    /// The training-mode forward pass of `sub`. Batch norm normalises with the batch's own
+    /// statistics but leaves the running ones, which describe the whole network, alone.
+    pub fn forward_sub_network(&self, xs: &Tensor, sub: SubNetwork) -> Tensor {
+        let keep = |channels: i64| ((channels as f64 * sub.fraction).round() as i64).max(1);
+        let mask = |xs: Tensor| {
+            let channels = xs.size()[1];
+            let mut shape = vec![1; xs.dim()];
+            shape[1] = channels;
+            let kept = Tensor::arange(channels, (tch::Kind::Float, xs.device()))
+                .lt(keep(channels) as f64)
+                .to_kind(xs.kind())
+                .view(shape.as_slice());
+            xs * kept
+        };
+        let mut xs = if sub.grey && xs.size()[1] == 3 {
+            let luma = Tensor::from_slice(&crate::data::transform::LUMA)
+                .to_kind(xs.kind())
+                .to_device(xs.device())
+                .view([1, 3, 1, 1]);
+            (xs * luma)
+                .sum_dim_intlist([1i64].as_slice(), true, xs.kind())
+                .expand_as(xs)
+        } else {
+            xs.shallow_clone()
+        };
+        for block in &self.blocks {
+            let ys = xs.apply(&block.conv).batch_norm(
+                block.bn.ws.as_ref(),
+                block.bn.bs.as_ref(),
+                None::<&Tensor>,
+                None::<&Tensor>,
+                true,
+                0.1,
+                1e-5,
+                false,
+            );
+            xs = mask(ys.relu()).max_pool2d_default(2);
+        }
+        let hidden = xs
+            .adaptive_avg_pool2d([POOLED_SIDE, POOLED_SIDE])
+            .flatten(1, -1)
+            .apply(&self.fc1)
+            .relu();
+        mask(hidden).dropout(self.dropout, true).apply(&self.fc2)
+    }
+}
+
 /// Stores every 4-d parameter (the convolution kernels) in channels-last layout.
 ///
 /// oneDNN's CPU convolutions run markedly faster on NHWC data; with kernels and inputs
@@ -171,6 +236,39 @@ mod tests {
     use tch::{Device, Kind};
 
     use super::*;
+
+    #[test]
+    fn the_sub_network_ignores_every_channel_past_its_share() {
+        let (vs, model) = build(Architecture::JetsonCnn, 3);
+        let sub = SubNetwork {
+            fraction: 0.5,
+            grey: true,
+        };
+        let xs = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let run = |xs: &Tensor| {
+            tch::manual_seed(3);
+            tch::no_grad(|| model.forward_sub_network(xs, sub))
+        };
+        let before = run(&xs);
+        let running_mean = vs.variables()["bn1.running_mean"].copy();
+
+        // The trailing half of every layer, changed, changes nothing.
+        tch::no_grad(|| {
+            for (name, mut var) in vs.variables() {
+                let trailing = var.size()[0] / 2;
+                if name.ends_with("weight") && !name.starts_with("fc2") {
+                    let _ = var.narrow(0, trailing, trailing).fill_(7.0);
+                }
+            }
+        });
+        assert!(run(&xs).allclose(&before, 1e-5, 1e-5, false));
+        assert!(vs.variables()["bn1.running_mean"].equal(&running_mean));
+
+        // Grey input: only the luma of the colours matters.
+        let luma = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
+        let grey = (&xs * &luma).sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
+        assert!(run(&grey.expand_as(&xs)).allclose(&before, 1e-4, 1e-4, false));
+    }
 
     fn build(architecture: Architecture, in_channels: i64) -> (nn::VarStore, Cnn) {
         let vs = nn::VarStore::new(Device::Cpu);

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::{self, CheckpointError};
 use crate::data::{Augment, Batcher, Dataset, Normalize};
 use crate::eval::{self, EvalReport};
-use crate::model::{self, Cnn, ModelSpec};
+use crate::model::{self, Cnn, ModelSpec, SubNetwork};
 use crate::optim::{CosineSchedule, OptimError, Optimizer, OptimizerConfig};
 
 /// How a node trains locally.
@@ -74,6 +74,8 @@ pub struct Trainer {
     normalize: Normalize,
     channels_last: bool,
     train_len: usize,
+    /// Leading channels also trained as a network of their own, for a narrower neighbour.
+    sub_network: Option<SubNetwork>,
 }
 
 /// The batch sampler of a run that has taken `step` steps. A resumed run draws a fresh
@@ -122,6 +124,7 @@ impl Trainer {
             normalize: Normalize::default(),
             channels_last,
             train_len,
+            sub_network: None,
         }
     }
 
@@ -153,7 +156,13 @@ impl Trainer {
                 .model
                 .forward_t(&inputs, true)
                 .cross_entropy_for_logits(&labels);
-            loss.backward();
+            match self.sub_network {
+                Some(sub) => {
+                    let sub_logits = self.model.forward_sub_network(&inputs, sub);
+                    (&loss + sub_logits.cross_entropy_for_logits(&labels)).backward();
+                }
+                None => loss.backward(),
+            }
             let lr = self.schedule.rate(self.optimizer.steps());
             self.optimizer.step(lr);
             let value = loss.double_value(&[]);
@@ -167,6 +176,13 @@ impl Trainer {
             samples: steps * self.config.batch_size.min(data.len()) as u64,
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Also trains the leading channels as a network of their own from now on (see
+    /// [`SubNetwork`]). Both losses are minimised together; the reported loss stays the
+    /// whole network's.
+    pub fn train_sub_network(&mut self, sub: SubNetwork) {
+        self.sub_network = Some(sub);
     }
 
     pub fn evaluate(&self, data: &Dataset) -> EvalReport {

@@ -12,7 +12,7 @@ pub mod fetch;
 mod folder;
 mod idx;
 pub mod partition;
-mod transform;
+pub(crate) mod transform;
 
 use std::path::{Path, PathBuf};
 

@@ -8,7 +8,8 @@ use tch::{Kind, Tensor};
 use super::DataError;
 
 /// ITU-R BT.601 luma weights, the conversion most image libraries use.
-const LUMA: [f64; 3] = [0.299, 0.587, 0.114];
+/// ITU-R BT.601 luma weights of red, green and blue.
+pub(crate) const LUMA: [f64; 3] = [0.299, 0.587, 0.114];
 
 /// `[N, 3, H, W]` colour bytes to `[N, 1, H, W]` luminance bytes; one-channel input is
 /// returned unchanged.

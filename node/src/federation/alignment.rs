@@ -26,6 +26,8 @@
 use edgesync_api::SharedLayers;
 use tch::{Kind, Tensor};
 
+use crate::model::SubNetwork;
+
 /// A member's model as seen from outside: its fingerprint, its parameters' names and
 /// shapes, and which of them is the input layer's weight.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +83,23 @@ pub fn plan(
             between(name, shape, other)
         })
         .collect()
+}
+
+/// When a neighbour's model is a narrower sub-network of `mine` that shares the first
+/// layer, the part of `mine` it holds, which this node should also train on its own.
+pub fn narrower_neighbour(
+    mine: &ModelShapes,
+    alignment: &[Option<Alignment>],
+) -> Option<SubNetwork> {
+    let i = mine.params.iter().position(|(n, _)| n == INPUT_WEIGHT)?;
+    let Some(Alignment::Slice { overlap, channels }) = &alignment[i] else {
+        return None;
+    };
+    let filters = mine.params[i].1[0];
+    (overlap[0] < filters).then(|| SubNetwork {
+        fraction: overlap[0] as f64 / filters as f64,
+        grey: *channels == Channels::MineSummed,
+    })
 }
 
 fn is_shared(name: &str, shared: SharedLayers) -> bool {
@@ -232,6 +251,16 @@ mod tests {
             })
         );
         assert_eq!(plan[3], Some(Alignment::Whole));
+
+        let sub = narrower_neighbour(&jetson(), &plan).unwrap();
+        assert_eq!((sub.fraction, sub.grey), (0.5, true));
+        assert_eq!(
+            narrower_neighbour(
+                &akida(),
+                &super::plan(&akida(), &jetson(), SharedLayers::All)
+            ),
+            None
+        );
 
         let features = super::plan(&jetson(), &akida(), SharedLayers::Features);
         assert!(features[3].is_none() && features[4].is_none() && features[2].is_some());

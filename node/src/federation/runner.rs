@@ -172,7 +172,7 @@ impl Node {
         metrics.readiness.data_loaded.store(true, Ordering::Relaxed);
         let spec = config::model_spec(&me.model);
         let train_config = train_config(&config);
-        let trainer = Trainer::new(spec, train_config, train.len(), device);
+        let mut trainer = Trainer::new(spec, train_config, train.len(), device);
         metrics.readiness.model_built.store(true, Ordering::Relaxed);
         let fingerprint = trainer.fingerprint();
         let params = trainer.parameters();
@@ -193,6 +193,15 @@ impl Node {
             let neighbour = config.members.iter().any(|m| m.name == name && m.neighbour);
             if neighbour && alignment.iter().any(Option::is_some) {
                 partners.insert(name.clone());
+                if let Some(sub) = alignment::narrower_neighbour(&own, &alignment) {
+                    tracing::info!(
+                        neighbour = %name,
+                        fraction = sub.fraction,
+                        grey = sub.grey,
+                        "also training the leading channels the narrower neighbour holds"
+                    );
+                    trainer.train_sub_network(sub);
+                }
             }
             layout = layout.with_model(&model.fingerprint, model.params);
             let peer = PeerModel {
