@@ -788,3 +788,136 @@ impl fmt::Display for LayerKind {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: &str = r#"{
+        "format": "edgesync-akida-v1",
+        "input": {"height": 4, "width": 4, "channels": 1},
+        "classes": 2,
+        "layers": [
+            {"name": "conv1", "kind": "input_conv", "weight_bits": 8, "act_bits": 4,
+             "kernel": 1, "filters": 1, "stride": 1, "padding": "same", "pool": 2,
+             "weights": [[[[-128]]]], "threshold": [-8388608], "act_step": [1048575]},
+            {"name": "conv2", "kind": "conv", "weight_bits": 4, "act_bits": 4,
+             "kernel": 3, "filters": 1, "stride": 1, "padding": "same", "pool": 0,
+             "weights": [[[[7, -7, 0], [1, 2, 3], [0, 0, 0]]]],
+             "threshold": [524287], "act_step": [0.0625]},
+            {"name": "fc2", "kind": "dense", "weight_bits": 4, "act_bits": 0,
+             "units": 2, "weights": [[1, 2, 3, 4], [0, 0, 0, 0]],
+             "threshold": [5, -5], "act_step": [1, 1]}
+        ]
+    }"#;
+
+    fn small() -> Export {
+        serde_json::from_str(SMALL).unwrap()
+    }
+
+    fn load_text(text: &str) -> Result<Export, ExportError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.json");
+        std::fs::write(&path, text).unwrap();
+        Export::load(&path)
+    }
+
+    #[test]
+    fn accepts_the_edges_of_every_range_and_round_trips() {
+        let export = small();
+        export.validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.json");
+        export.save(&path).unwrap();
+        assert_eq!(Export::load(&path).unwrap(), export);
+        let geometry = export.geometry().unwrap();
+        assert_eq!(geometry[1].input, (2, 2, 1));
+        assert_eq!(geometry[2].output, (1, 1, 2));
+    }
+
+    fn invalid(change: impl FnOnce(&mut Export)) -> String {
+        let mut export = small();
+        change(&mut export);
+        export.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn out_of_range_values_are_named_by_layer_and_field() {
+        let err = invalid(|e| e.layers[1].weights.values[0] = -8);
+        assert_eq!(err, "layer conv2, field weights: -8 is outside [-7, 7]");
+        let err = invalid(|e| e.layers[1].threshold[0] = 524_288);
+        assert!(
+            err.starts_with("layer conv2, field threshold: 524288"),
+            "{err}"
+        );
+        assert!(err.contains("20-bit"), "{err}");
+        let err = invalid(|e| e.layers[0].threshold[0] = -8_388_609);
+        assert!(
+            err.contains("layer conv1, field threshold") && err.contains("24-bit"),
+            "{err}"
+        );
+        let err = invalid(|e| e.layers[1].act_step[0] = 0.05);
+        assert!(
+            err.starts_with("layer conv2, field act_step: 0.05"),
+            "{err}"
+        );
+        let err = invalid(|e| e.layers[1].act_step[0] = 65_536.0);
+        assert!(err.starts_with("layer conv2, field act_step"), "{err}");
+        let err = invalid(|e| e.layers[0].weights.values[0] = 0);
+        assert!(
+            err.starts_with("layer conv1, field weights: all zero"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn structural_mistakes_are_named() {
+        let err = invalid(|e| e.layers[2].weights.shape = vec![2, 2, 2]);
+        assert!(
+            err.starts_with("layer fc2, field weights: shape [2, 2, 2]"),
+            "{err}"
+        );
+        let err = invalid(|e| e.layers[1].kernel = Some(2));
+        assert_eq!(err, "layer conv2, field kernel: 2: must be odd");
+        let err = invalid(|e| e.layers[1].act_bits = 0);
+        assert!(err.starts_with("layer conv2, field act_bits: 0"), "{err}");
+        let err = invalid(|e| e.layers[2].act_bits = 4);
+        assert!(err.starts_with("layer fc2, field act_bits: 4"), "{err}");
+        let err = invalid(|e| e.layers[1].kind = LayerKind::InputConv);
+        assert!(err.starts_with("layer conv2, field kind"), "{err}");
+        let err = invalid(|e| e.layers[0].pool = Some(3));
+        assert_eq!(err, "layer conv1, field pool: 3: must be 0 or 2");
+        let err = invalid(|e| {
+            e.layers[2].threshold.pop();
+        });
+        assert_eq!(err, "layer fc2, field threshold: 1 values for 2 outputs");
+        let err = invalid(|e| e.classes = 3);
+        assert!(err.starts_with("field classes: 3 classes"), "{err}");
+        let err = invalid(|e| e.format = "edgesync-akida-v2".into());
+        assert!(err.starts_with("field format"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_json_names_the_file_and_the_place() {
+        let err = load_text(&SMALL.replace("[1, 2, 3, 4]", "[1, 2.5, 3, 4]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.json") && err.contains("layers[2].weights"),
+            "{err}"
+        );
+        assert!(err.contains("2.5 is not an integer"), "{err}");
+        let err = load_text(&SMALL.replace("[1, 2, 3, 4]", "[1, 2, 3]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ragged array"), "{err}");
+        let err = load_text(&SMALL.replace("\"act_bits\": 0", "\"act_bits\": 0, \"bias\": 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("layers[2]") && err.contains("bias"), "{err}");
+        let err =
+            load_text(&SMALL.replace("\"threshold\": [5, -5]", "\"threshold\": [600000, -5]"));
+        // Only hidden layers are held to the chip's threshold bits.
+        assert!(err.is_ok(), "{err:?}");
+    }
+}

@@ -261,3 +261,73 @@ fn max_pool(acc: &[i32], h: usize, w: usize, n: usize) -> Vec<i32> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One pixel through a 1x1 input convolution of weight 1, threshold 10 and step 2.5,
+    /// then two class scores, +activation and -activation.
+    fn ramp_model() -> Export {
+        let json = r#"{
+            "format": "edgesync-akida-v1",
+            "input": {"height": 1, "width": 1, "channels": 1},
+            "classes": 2,
+            "layers": [
+                {"name": "conv1", "kind": "input_conv", "weight_bits": 8, "act_bits": 4,
+                 "kernel": 1, "filters": 1, "stride": 1, "padding": "same", "pool": 0,
+                 "weights": [[[[1]]]], "threshold": [10], "act_step": [2.5]},
+                {"name": "fc2", "kind": "dense", "weight_bits": 4, "act_bits": 0,
+                 "units": 2, "weights": [[1], [-1]], "threshold": [0, 3], "act_step": [1, 1]}
+            ]
+        }"#;
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn activation_is_the_ceiling_of_steps_above_threshold_saturating_at_15() {
+        let engine = Engine::new(&ramp_model()).unwrap();
+        // Pixel 15 is exactly 2 steps above the threshold: 2, not 3; one more is 3.
+        for (pixel, level) in [
+            (0u8, 0),
+            (10, 0),
+            (11, 1),
+            (15, 2),
+            (16, 3),
+            (47, 15),
+            (255, 15),
+        ] {
+            assert_eq!(
+                engine.potentials(&[pixel]),
+                vec![level, -level],
+                "pixel {pixel}"
+            );
+        }
+        // Scores are potentials minus thresholds: [0, -3] at level 0, class 0 wins.
+        assert_eq!(engine.classify(&[0, 0]), 0);
+        assert_eq!(engine.classify(&[0, 4]), 1);
+        let out = engine.run(&[0, 16]).unwrap();
+        assert_eq!(out.potentials, vec![0, 0, 3, -3]);
+        assert_eq!(out.predictions, vec![0, 0]);
+    }
+
+    #[test]
+    fn step_is_truncated_to_sixteenths_as_on_the_chip() {
+        let mut model = ramp_model();
+        // 2.53 acts as 2.5 (40/16): pixel 15 stays at exactly 2 steps.
+        model.layers[0].act_step = vec![2.53];
+        let engine = Engine::new(&model).unwrap();
+        assert_eq!(engine.potentials(&[15]), vec![2, -2]);
+    }
+
+    #[test]
+    fn a_wrongly_sized_image_buffer_is_an_error() {
+        let mut model = ramp_model();
+        model.input.width = 2;
+        model.layers[1].weights.shape = vec![2, 2];
+        model.layers[1].weights.values = vec![1, 1, -1, -1];
+        let engine = Engine::new(&model).unwrap();
+        let err = engine.run(&[1, 2, 3]).unwrap_err().to_string();
+        assert!(err.contains("3 bytes") && err.contains("1x2x1"), "{err}");
+    }
+}
