@@ -126,16 +126,11 @@ impl Cnn {
         let mut xs = qat::input_pixels(xs, self.normalize);
         let last_pooled = self.blocks.len() - 1;
         for (i, block) in self.blocks.iter().enumerate() {
-            if train {
-                // Frozen-statistics QAT: the folded weights use the running statistics, which
-                // an ordinary batch-norm pass on this batch keeps up to date. Updating them
-                // before the folded pass lets it use this batch's statistics already.
-                tch::no_grad(|| {
-                    let ys = xs.apply(&block.conv);
-                    let _ = block.bn.forward_t(&ys, true);
-                });
-            }
-            let (w, b) = qat::fold_batch_norm(&block.conv, &block.bn);
+            let (w, b) = if train {
+                qat::fold_batch_norm_training(&block.conv, &block.bn, &xs)
+            } else {
+                qat::fold_batch_norm(&block.conv, &block.bn)
+            };
             let (max, min_scale) = qat::conv_quantisation(i);
             let w = qat::fake_quant_weights(&w, max, Granularity::PerChannel, min_scale);
             let ys = xs.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1);

@@ -3,8 +3,9 @@
 //! that both quantise a given set of parameters to exactly the same integers.
 //!
 //! - Input: raw pixels `u/255` on the 8-bit grid, zero-padded (the chip pads with 0).
-//! - Batch norm is folded into the convolution with its running statistics; the running
-//!   statistics are still updated by an ordinary batch-norm pass in training.
+//! - Batch norm is folded into the convolution: with the batch's statistics in training
+//!   (so it trains like ordinary batch norm), with the running statistics, which an
+//!   ordinary batch-norm pass keeps up to date, in evaluation and in the export.
 //! - Weights: symmetric, per output channel, 8-bit (`[-127, 127]`) for the first layer and
 //!   4-bit (`[-7, 7]`) for the others; per tensor for the last layer, so that all class
 //!   scores share one scale and the integer argmax equals the float one.
@@ -13,7 +14,7 @@
 //! Rounding uses straight-through gradients: the forward pass sees quantised values, the
 //! backward pass treats the rounding as the identity (and the cap as a clipped ReLU).
 
-use tch::nn;
+use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use crate::data::Normalize;
@@ -68,21 +69,51 @@ pub fn input_pixels(xs: &Tensor, normalize: Normalize) -> Tensor {
 /// Convolution weights and bias with batch norm folded in through its running statistics.
 pub fn fold_batch_norm(conv: &nn::Conv2D, bn: &nn::BatchNorm) -> (Tensor, Tensor) {
     let eps = nn::BatchNormConfig::default().eps;
-    let inv_std = (&bn.running_var + eps).rsqrt();
+    fold(conv, bn, &bn.running_mean, &(&bn.running_var + eps).rsqrt())
+}
+
+/// `conv` then `bn` normalising with `mean` and `inv_std`, as one convolution.
+fn fold(
+    conv: &nn::Conv2D,
+    bn: &nn::BatchNorm,
+    mean: &Tensor,
+    inv_std: &Tensor,
+) -> (Tensor, Tensor) {
     let gain = match &bn.ws {
-        Some(gamma) => gamma * &inv_std,
-        None => inv_std,
+        Some(gamma) => gamma * inv_std,
+        None => inv_std.shallow_clone(),
     };
     let folded = &conv.ws * gain.view([-1, 1, 1, 1]);
     let centred = match &conv.bs {
-        Some(b) => b - &bn.running_mean,
-        None => -&bn.running_mean,
+        Some(b) => b - mean,
+        None => -mean,
     };
     let mut folded_bias = centred * &gain;
     if let Some(beta) = &bn.bs {
         folded_bias += beta;
     }
     (folded, folded_bias)
+}
+
+/// The folded weights and bias for a training step on input `xs`: batch norm folded with
+/// this batch's statistics, through which gradients flow as in ordinary batch norm, while an
+/// ordinary batch-norm pass updates the running statistics that evaluation and the export
+/// fold with. (Folding with the running statistics in training too, frozen-statistics QAT,
+/// trains markedly slower: 87.6% against 94.5% MNIST test accuracy after 180 steps.)
+pub fn fold_batch_norm_training(
+    conv: &nn::Conv2D,
+    bn: &nn::BatchNorm,
+    xs: &Tensor,
+) -> (Tensor, Tensor) {
+    let ys = xs.apply(conv);
+    tch::no_grad(|| {
+        let _ = bn.forward_t(&ys.detach(), true);
+    });
+    let eps = nn::BatchNormConfig::default().eps;
+    let dims = [0i64, 2, 3];
+    let mean = ys.mean_dim(&dims[..], false, Kind::Float);
+    let var = ys.var_dim(&dims[..], false, false);
+    fold(conv, bn, &mean, &(var + eps).rsqrt())
 }
 
 /// How a weight tensor is scaled: one scale per output channel, or one for the tensor.
