@@ -1,5 +1,6 @@
 //! The `dfl-node` command line.
 
+mod akida_cmd;
 mod data_cmd;
 mod federation_cmd;
 mod train_cmd;
@@ -41,6 +42,9 @@ pub enum Command {
     Run(federation_cmd::RunArgs),
     /// Run a whole federation from a manifest as local processes on 127.0.0.1.
     Local(federation_cmd::LocalArgs),
+    /// Export an Akida-class model for the AKD1000 and evaluate its integer model.
+    #[command(subcommand)]
+    Akida(akida_cmd::AkidaCommand),
 }
 
 /// Which data a node reads, shared by every command that loads images.
@@ -118,5 +122,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Run(args) => federation_cmd::run_node(args),
         Command::Local(args) => federation_cmd::run_local(args),
+        Command::Akida(cmd) => akida_cmd::run(cmd),
     }
 }

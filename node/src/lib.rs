@@ -5,8 +5,10 @@
 //! in crash-safe checkpoints ([`checkpoint`]). The `dfl-node` binary exposes all of it
 //! through [`cli`]; a running node reports itself through [`metrics`], served by [`web`],
 //! and on a cluster into its `DflNode` status ([`status`]). Fault tests make a node slow
-//! or fragile on purpose through [`faults`].
+//! or fragile on purpose through [`faults`]. The Akida-class model trains for, exports to
+//! and runs as the integer model of a BrainChip AKD1000 through [`akida`].
 
+pub mod akida;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

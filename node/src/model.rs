@@ -7,19 +7,28 @@
 //! - Jetson class: three conv blocks of 32, 64 and 128 channels (3x3 convolution, batch
 //!   norm, ReLU, 2x2 max-pool), then a 256-unit hidden layer with dropout and 10 outputs.
 //! - Akida class: half the channels (16, 32, 64), a 128-unit hidden layer, one input
-//!   channel, and a ReLU capped at 6 everywhere, the bounded activation Akida hardware
-//!   computes.
+//!   channel, laid out so that the AKD1000 runs it whole: no max-pool after the third conv
+//!   block (the chip cannot max-pool into a fully connected layer), inputs zero-padded to a
+//!   multiple of 8 pixels (28x28 digits become 32x32), and always trained quantisation-aware
+//!   ([`crate::akida::qat`]): batch norm folded into the convolutions, 8-bit first-layer and
+//!   4-bit other weights, 4-bit activations (a ReLU capped at 6). Its float forward pass is
+//!   then what the integer export computes, up to rounding of thresholds.
 //!
 //! The feature map is average-pooled to a fixed 2x2 grid before the classifier, so the same
-//! architecture serves 28x28 and 32x32 inputs while keeping coarse spatial layout.
+//! architecture serves 28x28 and 32x32 inputs while keeping coarse spatial layout. For the
+//! Akida class that grid is made of exact 4x4 blocks of the 8x8 map, so the export folds the
+//! average into the first fully connected layer's weights.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+use crate::akida::qat::{self, Granularity};
+use crate::data::Normalize;
+
 /// Side of the grid the last feature map is pooled to.
-const POOLED_SIDE: i64 = 2;
+pub const POOLED_SIDE: i64 = 2;
 
 /// Which network a node trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -67,9 +76,11 @@ pub struct Cnn {
     blocks: Vec<ConvBlock>,
     fc1: nn::Linear,
     fc2: nn::Linear,
-    /// Upper bound of the activation, for hardware that computes a bounded ReLU.
-    activation_cap: Option<f64>,
     dropout: f64,
+    architecture: Architecture,
+    /// The normalisation inputs arrive with; the Akida model undoes it, since the chip sees
+    /// raw pixels and pads with zeros.
+    normalize: Normalize,
 }
 
 impl Cnn {
@@ -90,41 +101,94 @@ impl Cnn {
             channels = width;
         }
         let features = channels * POOLED_SIDE * POOLED_SIDE;
-        let (activation_cap, dropout) = match spec.architecture {
-            Architecture::JetsonCnn => (None, 0.5),
-            Architecture::AkidaCnn => (Some(6.0), 0.25),
+        let dropout = match spec.architecture {
+            Architecture::JetsonCnn => 0.5,
+            Architecture::AkidaCnn => 0.25,
         };
         Cnn {
             blocks,
             fc1: nn::linear(root / "fc1", features, hidden, Default::default()),
             fc2: nn::linear(root / "fc2", hidden, spec.classes, Default::default()),
-            activation_cap,
             dropout,
+            architecture: spec.architecture,
+            normalize: Normalize::default(),
         }
     }
 
-    fn activate(&self, xs: Tensor) -> Tensor {
-        match self.activation_cap {
-            Some(cap) => xs.clamp(0.0, cap),
-            None => xs.relu(),
+    pub fn architecture(&self) -> Architecture {
+        self.architecture
+    }
+}
+
+impl Cnn {
+    /// The Akida model's quantisation-aware forward pass (see [`qat`]).
+    fn forward_akida(&self, xs: &Tensor, train: bool) -> Tensor {
+        let mut xs = qat::input_pixels(xs, self.normalize);
+        let last_pooled = self.blocks.len() - 1;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (w, b) = if train {
+                qat::fold_batch_norm_training(&block.conv, &block.bn, &xs)
+            } else {
+                qat::fold_batch_norm(&block.conv, &block.bn)
+            };
+            let (max, min_scale) = qat::conv_quantisation(i);
+            let w = qat::fake_quant_weights(&w, max, Granularity::PerChannel, min_scale);
+            let ys = xs.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1);
+            xs = qat::fake_quant_activation(&ys);
+            if i < last_pooled {
+                xs = xs.max_pool2d_default(2);
+            }
         }
+        let size = xs.size();
+        let block_area = (size[2] / POOLED_SIDE) * (size[3] / POOLED_SIDE);
+        let xs = xs
+            .adaptive_avg_pool2d([POOLED_SIDE, POOLED_SIDE])
+            .flatten(1, -1);
+        let min_scale = qat::dense_min_weight_scale(block_area);
+        let w1 = qat::fake_quant_weights(
+            &self.fc1.ws,
+            qat::WEIGHT_MAX,
+            Granularity::PerChannel,
+            min_scale,
+        );
+        let hidden = qat::fake_quant_activation(&xs.linear(&w1, self.fc1.bs.as_ref()));
+        let w2 = qat::fake_quant_weights(
+            &self.fc2.ws,
+            qat::WEIGHT_MAX,
+            Granularity::PerTensor,
+            qat::LAST_MIN_WEIGHT_SCALE,
+        );
+        hidden
+            .dropout(self.dropout, train)
+            .linear(&w2, self.fc2.bs.as_ref())
+    }
+
+    /// The fully connected layers, for the export.
+    pub(crate) fn linear_layers(&self) -> [&nn::Linear; 2] {
+        [&self.fc1, &self.fc2]
+    }
+
+    /// Each conv block's convolution and batch norm, for the export.
+    pub(crate) fn conv_blocks(&self) -> impl Iterator<Item = (&nn::Conv2D, &nn::BatchNorm)> {
+        self.blocks.iter().map(|b| (&b.conv, &b.bn))
     }
 }
 
 impl ModuleT for Cnn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if self.architecture == Architecture::AkidaCnn {
+            return self.forward_akida(xs, train);
+        }
         let mut xs = xs.shallow_clone();
         for block in &self.blocks {
             let ys = xs.apply(&block.conv).apply_t(&block.bn, train);
-            xs = self.activate(ys).max_pool2d_default(2);
+            xs = ys.relu().max_pool2d_default(2);
         }
         let xs = xs
             .adaptive_avg_pool2d([POOLED_SIDE, POOLED_SIDE])
             .flatten(1, -1)
             .apply(&self.fc1);
-        self.activate(xs)
-            .dropout(self.dropout, train)
-            .apply(&self.fc2)
+        xs.relu().dropout(self.dropout, train).apply(&self.fc2)
     }
 }
 
@@ -306,10 +370,18 @@ mod tests {
     }
 
     #[test]
-    fn akida_activations_are_bounded() {
-        let (_vs, model) = build(Architecture::AkidaCnn, 1);
-        let xs = Tensor::full([1, 16, 4, 4], 100.0, (Kind::Float, Device::Cpu));
-        assert_eq!(model.activate(xs).max().double_value(&[]), 6.0);
+    fn akida_model_sees_digits_zero_padded_to_32_pixels() {
+        let (vs, model) = build(Architecture::AkidaCnn, 1);
+        assert_eq!(vs.variables()["fc1.weight"].size(), vec![128, 64 * 4]);
+        let norm = Normalize::default();
+        let bytes = Tensor::randint(256, [3, 1, 28, 28], (Kind::Float, Device::Cpu));
+        // Black (byte 0) border pixels around a 28x28 image are what the model pads with.
+        let padded = bytes.constant_pad_nd([2, 2, 2, 2]);
+        let normalised = |t: &Tensor| (t / 255.0 - norm.mean) / norm.std;
+        let small = model.forward_t(&normalised(&bytes), false);
+        let large = model.forward_t(&normalised(&padded), false);
+        let diff = (small - large).abs().max().double_value(&[]);
+        assert_eq!(diff, 0.0);
     }
 
     #[test]
