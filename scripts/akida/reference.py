@@ -62,7 +62,8 @@ def validate(exp):
     layers = exp["layers"]
     for i, (layer, (h, w, c), wshape) in enumerate(layer_shapes(exp)):
         kind, name = layer["kind"], layer["name"]
-        assert (kind == "input_conv") == (i == 0), "%s: input_conv must be first (and only first)" % name
+        assert (kind == "input_conv") == (i == 0), \
+            "%s: input_conv must be first (and only first)" % name
         if kind == "input_conv":
             assert c in (1, 3), "input_conv needs 1 or 3 input channels"
         if kind != "dense":
@@ -77,7 +78,8 @@ def validate(exp):
         else:
             assert not layer.get("pool"), "%s: dense layers cannot pool" % name
         wb = layer["weight_bits"]
-        assert wb == (8 if kind == "input_conv" else 4), "%s: weight_bits must be 8 (input_conv) or 4" % name
+        assert wb == (8 if kind == "input_conv" else 4), \
+            "%s: weight_bits must be 8 (input_conv) or 4" % name
         wt = np.asarray(layer["weights"], dtype=np.int64)
         assert wt.shape == wshape, "%s: weights shape %s != %s" % (name, wt.shape, wshape)
         lo, hi = WEIGHT_RANGE[wb]
@@ -86,7 +88,8 @@ def validate(exp):
         n = wshape[0]
         th = np.asarray(layer["threshold"], dtype=np.int64)
         st = np.asarray(layer["act_step"], dtype=np.float32)
-        assert th.shape == (n,) and st.shape == (n,), "%s: need one threshold/act_step per filter" % name
+        assert th.shape == (n,) and st.shape == (n,), \
+            "%s: need one threshold/act_step per filter" % name
         assert layer["act_bits"] in (0, 4), "%s: act_bits must be 4 or 0" % name
         assert layer["act_bits"] > 0 or i == len(layers) - 1, "%s: only the last layer may have act_bits 0" % name
         if layer["act_bits"]:
