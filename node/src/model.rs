@@ -318,7 +318,7 @@ mod tests {
 
         // The trailing half of every layer, changed, changes nothing.
         tch::no_grad(|| {
-            for (name, mut var) in vs.variables() {
+            for (name, var) in vs.variables() {
                 let trailing = var.size()[0] / 2;
                 if name.ends_with("weight") && !name.starts_with("fc2") {
                     let _ = var.narrow(0, trailing, trailing).fill_(7.0);

@@ -31,7 +31,9 @@ use super::mixing::metropolis_hastings;
 use super::momentum::RoundMomentum;
 use super::network::{self, Ack, NetworkEvent, NetworkHandle, Peer, Presence};
 use super::report::{NodeEvent, RoundRecord};
+use crate::akida;
 use crate::data::{self, partition, Dataset, Split};
+use crate::eval::EvalReport;
 use crate::faults::FaultPlan;
 use crate::metrics::NodeMetrics;
 use crate::model;
@@ -408,10 +410,7 @@ impl Node {
         let rounds = self.config.federation_spec.rounds;
         let evaluation_from = Instant::now();
         let eval = if round % every == 0 || round == rounds {
-            Some(
-                self.blocking(|local| local.trainer.evaluate(&local.test))
-                    .await?,
-            )
+            Some(self.blocking(evaluate).await?)
         } else {
             None
         };
@@ -935,6 +934,27 @@ fn trainable_indices(trainer: &Trainer, params: &[(String, Tensor)]) -> Vec<usiz
         .filter(|(_, (n, _))| trainable.contains(n))
         .map(|(i, _)| i)
         .collect()
+}
+
+/// Evaluates the node's model on its test split. An Akida-class model is scored by the
+/// integer engine on its export, re-quantised from the current weights: the accuracy the
+/// chip would give (the loss stays the quantisation-aware float model's).
+fn evaluate(local: &mut Local) -> EvalReport {
+    let mut report = local.trainer.evaluate(&local.test);
+    if local.trainer.spec.architecture == model::Architecture::AkidaCnn {
+        match akida::evaluate(&local.trainer, &local.test) {
+            Ok(accuracy) => {
+                tracing::debug!(
+                    float = report.accuracy,
+                    integer = accuracy,
+                    "akida accuracy"
+                );
+                report.accuracy = accuracy;
+            }
+            Err(error) => tracing::warn!(%error, "cannot score the integer export; float kept"),
+        }
+    }
+    report
 }
 
 /// Every member's model as this node sees it, by member name. Members of the same kind
