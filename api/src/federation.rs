@@ -167,10 +167,11 @@ pub enum AggregationRule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum SharedLayers {
-    /// Nothing: each architecture learns on its own.
+    /// Nothing: each architecture learns on its own. The default, since sharing pays only
+    /// where the architectures' data are related enough, which the manifest's author knows.
+    #[default]
     None,
     /// The convolutional feature extractor.
-    #[default]
     Features,
     /// The feature extractor and the fully connected classifier; for members that learn
     /// the same classes.
