@@ -9,8 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{dfl_node, Federation};
-use edgesync_node::federation::launcher::{plan, LocalOptions};
+use common::{dfl_node, plan_in, Federation};
 use edgesync_node::federation::report::NodeEvent;
 
 fn start(config: &std::path::Path, events: mpsc::Sender<NodeEvent>) -> Child {
@@ -71,13 +70,7 @@ fn killed_node_does_not_stall_the_others_and_resumes_from_its_checkpoint() {
         ..Default::default()
     }
     .write(dir.path());
-    let plan = plan(&LocalOptions {
-        manifest,
-        report_dir: Some(dir.path().join("run")),
-        resume: false,
-        threads_per_node: Some(1),
-    })
-    .unwrap();
+    let plan = plan_in(manifest, dir.path());
 
     let (tx, rx) = mpsc::channel();
     let mut children: Vec<(String, Child)> = plan
@@ -199,13 +192,7 @@ fn a_checkpoint_write_killed_halfway_leaves_the_previous_one_valid() {
         ..Default::default()
     }
     .write(dir.path());
-    let plan = plan(&LocalOptions {
-        manifest,
-        report_dir: Some(dir.path().join("run")),
-        resume: false,
-        threads_per_node: Some(1),
-    })
-    .unwrap();
+    let plan = plan_in(manifest, dir.path());
     let victim = "node-1";
     let state = dir.path().join("run/nodes").join(victim);
     let checkpoint = state.join(format!("{victim}.safetensors"));

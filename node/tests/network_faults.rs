@@ -16,9 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{dfl_node, Federation};
+use common::{dfl_node, plan_in, Federation};
 use edgesync_node::federation::config::NodeConfig;
-use edgesync_node::federation::launcher::{plan, LocalOptions};
 use edgesync_node::federation::report::{NodeEvent, RoundRecord};
 
 /// Two namespaces, `<tag>-a` (10.77.0.1) and `<tag>-b` (10.77.0.2), linked by veth;
@@ -179,13 +178,7 @@ impl Testbed {
             ..Default::default()
         }
         .write(dir.path());
-        let plan = plan(&LocalOptions {
-            manifest,
-            report_dir: Some(dir.path().join("run")),
-            resume: false,
-            threads_per_node: Some(1),
-        })
-        .unwrap();
+        let plan = plan_in(manifest, dir.path());
 
         // The launcher planned for loopback; move every node onto its host's address.
         let address = |node: &str| {

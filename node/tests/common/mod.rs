@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use edgesync_node::federation::launcher::{plan, LocalOptions, Plan};
+
 /// The shared data folder beside the checkout.
 pub fn shared_data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data")
@@ -94,4 +96,16 @@ spec:
         std::fs::write(&path, text).unwrap();
         path
     }
+}
+
+/// Plans the local federation of `manifest` with its report folder in `dir/run` and one
+/// libtorch thread per node, starting nothing: tests start the nodes themselves.
+pub fn plan_in(manifest: PathBuf, dir: &Path) -> Plan {
+    plan(&LocalOptions {
+        manifest,
+        report_dir: Some(dir.join("run")),
+        resume: false,
+        threads_per_node: Some(1),
+    })
+    .unwrap()
 }
