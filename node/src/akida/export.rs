@@ -298,7 +298,13 @@ impl Export {
         };
         let text =
             serde_json::to_string(self).map_err(|e| write(std::io::Error::other(e.to_string())))?;
-        std::fs::write(path, text).map_err(write)
+        // Written beside the target and renamed over it, so that a crash mid-write never
+        // leaves a half-written export where a good one was.
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".tmp");
+        let tmp = path.with_file_name(name);
+        std::fs::write(&tmp, text).map_err(write)?;
+        std::fs::rename(&tmp, path).map_err(write)
     }
 
     /// Each layer's input and output shape; errors on missing or inconsistent geometry.
