@@ -715,24 +715,11 @@ fn dense_over_average(
         input_max: qat::ACT_MAX,
     };
     let (threshold, act_step) = hidden_activation(&scales, &values, &qat::to_vec(&scale), &bias)?;
-    Ok(Layer {
-        name: "fc1".into(),
-        kind: LayerKind::Dense,
-        weight_bits: LayerKind::Dense.weight_bits(),
-        act_bits: ACT_BITS,
-        units: Some(units),
-        kernel: None,
-        filters: None,
-        stride: None,
-        padding: None,
-        pool: None,
-        weights: IntArray {
-            shape: vec![units, h * w * c],
-            values,
-        },
-        threshold,
-        act_step,
-    })
+    let weights = IntArray {
+        shape: vec![units, h * w * c],
+        values,
+    };
+    Ok(dense_layer("fc1", ACT_BITS, weights, threshold, act_step))
 }
 
 /// `fc2`, the classifier: raw potentials, its bias carried as a host-side threshold.
@@ -765,24 +752,36 @@ fn classifier(fc: &tch::nn::Linear) -> Result<Layer, ExportError> {
     // Unused by the integer engine; Akida's predict() divides by it, so that predict()
     // gives the float model's logits.
     let step = ((16.0 / s_acc).round().max(1.0) / 16.0) as f32;
-    Ok(Layer {
-        name: "fc2".into(),
+    let weights = IntArray {
+        shape,
+        values: ints(&q),
+    };
+    Ok(dense_layer("fc2", 0, weights, threshold, vec![step; units]))
+}
+
+/// A fully connected layer of `weights` (`[units][inputs]`); `act_bits` 0 for none.
+fn dense_layer(
+    name: &str,
+    act_bits: u32,
+    weights: IntArray,
+    threshold: Vec<i64>,
+    act_step: Vec<f32>,
+) -> Layer {
+    Layer {
+        name: name.into(),
         kind: LayerKind::Dense,
         weight_bits: LayerKind::Dense.weight_bits(),
-        act_bits: 0,
-        units: Some(units),
+        act_bits,
+        units: Some(weights.shape[0]),
         kernel: None,
         filters: None,
         stride: None,
         padding: None,
         pool: None,
-        weights: IntArray {
-            shape,
-            values: ints(&q),
-        },
+        weights,
         threshold,
-        act_step: vec![step; units],
-    })
+        act_step,
+    }
 }
 
 impl fmt::Display for LayerKind {
