@@ -56,6 +56,10 @@ pub struct MemberModel {
     pub kind: ModelKind,
     pub in_channels: i64,
     pub classes: i64,
+    /// Side its images are resized to, where the manifest fixes one (digit formats are
+    /// 28x28): a wider neighbour trains the slice this member holds on images of that side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_side: Option<i64>,
 }
 
 impl MemberModel {
@@ -65,6 +69,7 @@ impl MemberModel {
             kind: spec.model,
             in_channels: input_channels(spec),
             classes,
+            input_side: input_side(spec),
         }
     }
 }
@@ -81,6 +86,19 @@ pub fn input_channels(spec: &DflNodeSpec) -> i64 {
         1
     } else {
         3
+    }
+}
+
+/// Side of the square images a node's model takes, where the manifest fixes it.
+pub fn input_side(spec: &DflNodeSpec) -> Option<i64> {
+    let digits = matches!(
+        spec.dataset.format,
+        DatasetFormat::Mnist | DatasetFormat::FashionMnist
+    );
+    match spec.dataset.resize {
+        Some(side) => Some(i64::from(side)),
+        None if digits => Some(28),
+        None => None,
     }
 }
 
@@ -173,6 +191,16 @@ mod tests {
             dataset_key(&spec(DatasetFormat::Cifar10Bin, false)),
             "Cifar10Bin:/data/x"
         );
+    }
+
+    #[test]
+    fn the_input_side_is_known_where_the_manifest_fixes_it() {
+        assert_eq!(input_side(&spec(DatasetFormat::Mnist, false)), Some(28));
+        assert_eq!(input_side(&spec(DatasetFormat::ImageFolder, true)), None);
+        let mut resized = spec(DatasetFormat::ImageFolder, true);
+        resized.dataset.resize = Some(24);
+        assert_eq!(input_side(&resized), Some(24));
+        assert_eq!(MemberModel::of(&resized, 10).input_side, Some(24));
     }
 
     #[test]

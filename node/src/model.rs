@@ -48,6 +48,14 @@ impl Architecture {
         }
     }
 
+    /// Dropout before the classifier: the Akida class, with fewer units, drops fewer.
+    fn dropout(self) -> f64 {
+        match self {
+            Architecture::JetsonCnn => 0.5,
+            Architecture::AkidaCnn => 0.25,
+        }
+    }
+
     fn widths(self) -> ([i64; 3], i64) {
         match self {
             Architecture::JetsonCnn => ([32, 64, 128], 256),
@@ -101,15 +109,11 @@ impl Cnn {
             channels = width;
         }
         let features = channels * POOLED_SIDE * POOLED_SIDE;
-        let dropout = match spec.architecture {
-            Architecture::JetsonCnn => 0.5,
-            Architecture::AkidaCnn => 0.25,
-        };
         Cnn {
             blocks,
             fc1: nn::linear(root / "fc1", features, hidden, Default::default()),
             fc2: nn::linear(root / "fc2", hidden, spec.classes, Default::default()),
-            dropout,
+            dropout: spec.architecture.dropout(),
             architecture: spec.architecture,
             normalize: Normalize::default(),
         }
@@ -123,44 +127,18 @@ impl Cnn {
 impl Cnn {
     /// The Akida model's quantisation-aware forward pass (see [`qat`]).
     fn forward_akida(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut xs = qat::input_pixels(xs, self.normalize);
-        let last_pooled = self.blocks.len() - 1;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (w, b) = if train {
-                qat::fold_batch_norm_training(&block.conv, &block.bn, &xs)
-            } else {
-                qat::fold_batch_norm(&block.conv, &block.bn)
-            };
-            let (max, min_scale) = qat::conv_quantisation(i);
-            let w = qat::fake_quant_weights(&w, max, Granularity::PerChannel, min_scale);
-            let ys = xs.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1);
-            xs = qat::fake_quant_activation(&ys);
-            if i < last_pooled {
-                xs = xs.max_pool2d_default(2);
-            }
-        }
-        let size = xs.size();
-        let block_area = (size[2] / POOLED_SIDE) * (size[3] / POOLED_SIDE);
-        let xs = xs
-            .adaptive_avg_pool2d([POOLED_SIDE, POOLED_SIDE])
-            .flatten(1, -1);
-        let min_scale = qat::dense_min_weight_scale(block_area);
-        let w1 = qat::fake_quant_weights(
-            &self.fc1.ws,
-            qat::WEIGHT_MAX,
-            Granularity::PerChannel,
-            min_scale,
-        );
-        let hidden = qat::fake_quant_activation(&xs.linear(&w1, self.fc1.bs.as_ref()));
-        let w2 = qat::fake_quant_weights(
-            &self.fc2.ws,
-            qat::WEIGHT_MAX,
-            Granularity::PerTensor,
-            qat::LAST_MIN_WEIGHT_SCALE,
-        );
-        hidden
-            .dropout(self.dropout, train)
-            .linear(&w2, self.fc2.bs.as_ref())
+        let layers = QatLayers {
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| qat::ConvBn::of(&b.conv, &b.bn))
+                .collect(),
+            running: Some(self.blocks.iter().map(|b| &b.bn).collect()),
+            fc1: linear_tensors(&self.fc1),
+            fc2: linear_tensors(&self.fc2),
+        };
+        let pixels = qat::input_pixels(xs, self.normalize);
+        layers.forward(pixels, self.dropout, train)
     }
 
     /// The fully connected layers, for the export.
@@ -192,68 +170,154 @@ impl ModuleT for Cnn {
     }
 }
 
-/// The leading channels of a wider network, trained as a network of their own.
+/// A linear layer's weight and bias, sharing storage with it.
+fn linear_tensors(layer: &nn::Linear) -> (Tensor, Option<Tensor>) {
+    (
+        layer.ws.shallow_clone(),
+        layer.bs.as_ref().map(Tensor::shallow_clone),
+    )
+}
+
+/// The tensors the Akida-class forward pass runs on: the Akida model's own, or the
+/// leading slices of a wider model's (see [`SubNetwork`]).
+struct QatLayers<'a> {
+    blocks: Vec<qat::ConvBn>,
+    /// Batch norms whose running statistics training updates and evaluation folds with. A
+    /// sub-network has none: it only trains, normalising with each batch's statistics.
+    running: Option<Vec<&'a nn::BatchNorm>>,
+    fc1: (Tensor, Option<Tensor>),
+    fc2: (Tensor, Option<Tensor>),
+}
+
+impl QatLayers<'_> {
+    /// Logits for `pixels` (as [`qat::input_pixels`] gives them).
+    fn forward(&self, pixels: Tensor, dropout: f64, train: bool) -> Tensor {
+        let mut xs = pixels;
+        let last_pooled = self.blocks.len() - 1;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let running = self.running.as_ref().map(|bns| bns[i]);
+            let (w, b) = match running {
+                Some(bn) if !train => block.fold_running(bn),
+                _ => block.fold_batch(&xs, running),
+            };
+            let (max, min_scale) = qat::conv_quantisation(i);
+            let w = qat::fake_quant_weights(&w, max, Granularity::PerChannel, min_scale);
+            let ys = xs.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1);
+            xs = qat::fake_quant_activation(&ys);
+            if i < last_pooled {
+                xs = xs.max_pool2d_default(2);
+            }
+        }
+        let size = xs.size();
+        let block_area = (size[2] / POOLED_SIDE) * (size[3] / POOLED_SIDE);
+        let xs = xs
+            .adaptive_avg_pool2d([POOLED_SIDE, POOLED_SIDE])
+            .flatten(1, -1);
+        let min_scale = qat::dense_min_weight_scale(block_area);
+        let (fc1_w, fc1_b) = &self.fc1;
+        let w1 =
+            qat::fake_quant_weights(fc1_w, qat::WEIGHT_MAX, Granularity::PerChannel, min_scale);
+        let hidden = qat::fake_quant_activation(&xs.linear(&w1, fc1_b.as_ref()));
+        let (fc2_w, fc2_b) = &self.fc2;
+        let w2 = qat::fake_quant_weights(
+            fc2_w,
+            qat::WEIGHT_MAX,
+            Granularity::PerTensor,
+            qat::LAST_MIN_WEIGHT_SCALE,
+        );
+        hidden.dropout(dropout, train).linear(&w2, fc2_b.as_ref())
+    }
+}
+
+/// The leading channels of a wider network, trained as the narrower member that holds
+/// them.
 ///
-/// A narrower member of the federation holds exactly the leading channels of every layer
-/// of this model (see `federation::alignment`), and averages them with this model's. Those
-/// channels only make a working network if they are trained to work without the rest, so a
-/// node with such a neighbour also trains them alone each step, as nested ("ordered")
-/// dropout does (FjORD, Horváth et al., 2021): every channel past the leading `fraction` is
-/// zeroed after its activation, so later layers see only the leading ones.
+/// A narrower member of the federation (an Akida-class model) holds exactly the leading
+/// channels of every layer of this model (see `federation::alignment`) and averages them
+/// with this model's. Those channels only help it if they work as its network: without the
+/// rest, on its kind of input, through its quantised arithmetic. So a node with such a
+/// neighbour also trains them each step exactly as the neighbour runs them, in the manner of
+/// nested ("ordered") dropout (FjORD, Horvath et al., 2021): the slices go through the
+/// Akida-class forward pass, on this node's images turned grey and resized as the
+/// neighbour's are.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SubNetwork {
     /// Share of every layer's channels kept, in (0, 1].
     pub fraction: f64,
-    /// Feed the sub-network grey images (the luma of each input, in all three colour
-    /// channels), as the narrower member sees them.
+    /// Feed the sub-network grey images (the luma of each input), as the narrower member
+    /// sees them; its first-layer kernel is then the sum of this model's colour kernels.
     pub grey: bool,
+    /// Side the narrower member's images are resized to, where it has one.
+    pub input_side: Option<i64>,
 }
 
 impl Cnn {
     /// The training-mode forward pass of `sub`. Batch norm normalises with the batch's own
-    /// statistics but leaves the running ones, which describe the whole network, alone.
+    /// statistics and leaves the running ones, which describe the whole network, alone.
     pub fn forward_sub_network(&self, xs: &Tensor, sub: SubNetwork) -> Tensor {
+        self.sub_network_logits(xs, sub, Architecture::AkidaCnn.dropout())
+    }
+
+    fn sub_network_logits(&self, xs: &Tensor, sub: SubNetwork, dropout: f64) -> Tensor {
         let keep = |channels: i64| ((channels as f64 * sub.fraction).round() as i64).max(1);
-        let mask = |xs: Tensor| {
-            let channels = xs.size()[1];
-            let mut shape = vec![1; xs.dim()];
-            shape[1] = channels;
-            let kept = Tensor::arange(channels, (tch::Kind::Float, xs.device()))
-                .lt(keep(channels) as f64)
-                .to_kind(xs.kind())
-                .view(shape.as_slice());
-            xs * kept
-        };
-        let mut xs = if sub.grey && xs.size()[1] == 3 {
-            let luma = Tensor::from_slice(&crate::data::transform::LUMA)
-                .to_kind(xs.kind())
-                .to_device(xs.device())
-                .view([1, 3, 1, 1]);
-            (xs * luma)
-                .sum_dim_intlist([1i64].as_slice(), true, xs.kind())
-                .expand_as(xs)
-        } else {
-            xs.shallow_clone()
-        };
+        let grey = sub.grey && xs.size()[1] == 3;
+        let mut blocks = Vec::new();
+        let mut kept_inputs = None;
         for block in &self.blocks {
-            let ys = xs.apply(&block.conv).batch_norm(
-                block.bn.ws.as_ref(),
-                block.bn.bs.as_ref(),
-                None::<&Tensor>,
-                None::<&Tensor>,
-                true,
-                0.1,
-                1e-5,
-                false,
-            );
-            xs = mask(ys.relu()).max_pool2d_default(2);
+            let kept = keep(block.conv.ws.size()[0]);
+            let leading = |t: &Tensor| t.narrow(0, 0, kept);
+            let filters = leading(&block.conv.ws);
+            let weight = match kept_inputs {
+                Some(inputs) => filters.narrow(1, 0, inputs),
+                None if grey => filters.sum_dim_intlist([1i64].as_slice(), true, filters.kind()),
+                None => filters,
+            };
+            blocks.push(qat::ConvBn {
+                weight,
+                bias: block.conv.bs.as_ref().map(leading),
+                gamma: block.bn.ws.as_ref().map(leading),
+                beta: block.bn.bs.as_ref().map(leading),
+            });
+            kept_inputs = Some(kept);
         }
-        let hidden = xs
-            .adaptive_avg_pool2d([POOLED_SIDE, POOLED_SIDE])
-            .flatten(1, -1)
-            .apply(&self.fc1)
-            .relu();
-        mask(hidden).dropout(self.dropout, true).apply(&self.fc2)
+        let features = kept_inputs.unwrap_or(1) * POOLED_SIDE * POOLED_SIDE;
+        let hidden = keep(self.fc1.ws.size()[0]);
+        let layers = QatLayers {
+            blocks,
+            running: None,
+            fc1: (
+                self.fc1.ws.narrow(0, 0, hidden).narrow(1, 0, features),
+                self.fc1.bs.as_ref().map(|b| b.narrow(0, 0, hidden)),
+            ),
+            fc2: (
+                self.fc2.ws.narrow(1, 0, hidden),
+                self.fc2.bs.as_ref().map(Tensor::shallow_clone),
+            ),
+        };
+        let pixels = qat::input_pixels(&narrower_input(xs, sub, grey), self.normalize);
+        layers.forward(pixels, dropout, true)
+    }
+}
+
+/// This node's normalised images as the narrower member would see them: grey (the luma,
+/// which commutes with the normalisation since its weights sum to one) and resized with
+/// the antialiased filter the data loader uses.
+fn narrower_input(xs: &Tensor, sub: SubNetwork, grey: bool) -> Tensor {
+    let xs = if grey {
+        let luma = Tensor::from_slice(&crate::data::transform::LUMA)
+            .to_kind(xs.kind())
+            .to_device(xs.device())
+            .view([1, 3, 1, 1]);
+        (xs * luma).sum_dim_intlist([1i64].as_slice(), true, xs.kind())
+    } else {
+        xs.shallow_clone()
+    };
+    let size = xs.size();
+    match sub.input_side {
+        Some(side) if side != size[2] || side != size[3] => {
+            xs.internal_upsample_bilinear2d_aa([side, side], false, None, None)
+        }
+        _ => xs,
     }
 }
 
@@ -307,12 +371,11 @@ mod tests {
         let sub = SubNetwork {
             fraction: 0.5,
             grey: true,
+            input_side: Some(28),
         };
         let xs = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
-        let run = |xs: &Tensor| {
-            tch::manual_seed(3);
-            tch::no_grad(|| model.forward_sub_network(xs, sub))
-        };
+        // Without dropout, whose mask would come from the process-wide generator.
+        let run = |xs: &Tensor| tch::no_grad(|| model.sub_network_logits(xs, sub, 0.0));
         let before = run(&xs);
         let running_mean = vs.variables()["bn1.running_mean"].copy();
 
@@ -332,6 +395,51 @@ mod tests {
         let luma = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
         let grey = (&xs * &luma).sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
         assert!(run(&grey.expand_as(&xs)).allclose(&before, 1e-4, 1e-4, false));
+    }
+
+    #[test]
+    fn the_sub_network_computes_what_the_akida_model_holding_its_slices_computes() {
+        let (jetson_vs, jetson) = build(Architecture::JetsonCnn, 3);
+        let (akida_vs, mut akida) = build(Architecture::AkidaCnn, 1);
+        akida.dropout = 0.0;
+
+        // The Akida model takes the leading slice of every Jetson tensor; its grey first
+        // layer takes the sum of the colour kernels.
+        let wide = jetson_vs.variables();
+        tch::no_grad(|| {
+            for (name, mut var) in akida_vs.variables() {
+                let mut slice = wide[&name].shallow_clone();
+                for (dim, &size) in var.size().iter().enumerate() {
+                    slice = slice.narrow(dim as i64, 0, size);
+                }
+                if name == "conv1.weight" {
+                    let colours = wide[&name].narrow(0, 0, var.size()[0]);
+                    slice = colours.sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
+                }
+                var.copy_(&slice);
+            }
+        });
+
+        let sub = SubNetwork {
+            fraction: 0.5,
+            grey: true,
+            input_side: Some(28),
+        };
+        let colour = Tensor::randn([8, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let luma = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
+        let grey_28 = (&colour * &luma)
+            .sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+            .internal_upsample_bilinear2d_aa([28, 28], false, None, None);
+        let (from_slices, from_akida) = tch::no_grad(|| {
+            let from_slices = jetson.sub_network_logits(&colour, sub, 0.0);
+            (from_slices, akida.forward_t(&grey_28, true))
+        });
+        assert_eq!(from_slices.size(), vec![8, 10]);
+        assert!(
+            from_slices.allclose(&from_akida, 1e-4, 1e-4, false),
+            "{:?}",
+            (&from_slices - &from_akida).abs().max()
+        );
     }
 
     fn build(architecture: Architecture, in_channels: i64) -> (nn::VarStore, Cnn) {

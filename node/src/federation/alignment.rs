@@ -86,7 +86,8 @@ pub fn plan(
 }
 
 /// When a neighbour's model is a narrower sub-network of `mine` that shares the first
-/// layer, the part of `mine` it holds, which this node should also train on its own.
+/// layer, the part of `mine` it holds, which this node should also train on its own. The
+/// shapes do not tell the neighbour's image side: the caller fills it in.
 pub fn narrower_neighbour(
     mine: &ModelShapes,
     alignment: &[Option<Alignment>],
@@ -99,6 +100,7 @@ pub fn narrower_neighbour(
     (overlap[0] < filters).then(|| SubNetwork {
         fraction: overlap[0] as f64 / filters as f64,
         grey: *channels == Channels::MineSummed,
+        input_side: None,
     })
 }
 

@@ -36,7 +36,7 @@ use crate::data::{self, partition, Dataset, Split};
 use crate::eval::EvalReport;
 use crate::faults::FaultPlan;
 use crate::metrics::NodeMetrics;
-use crate::model;
+use crate::model::{self, SubNetwork};
 use crate::optim::{OptimizerConfig, OptimizerKind};
 use crate::train::{TrainConfig, Trainer};
 use crate::web;
@@ -196,10 +196,17 @@ impl Node {
             if neighbour && alignment.iter().any(Option::is_some) {
                 partners.insert(name.clone());
                 if let Some(sub) = alignment::narrower_neighbour(&own, &alignment) {
+                    let input_side = config
+                        .members
+                        .iter()
+                        .find(|m| m.name == name)
+                        .and_then(|m| m.model.input_side);
+                    let sub = SubNetwork { input_side, ..sub };
                     tracing::info!(
                         neighbour = %name,
                         fraction = sub.fraction,
                         grey = sub.grey,
+                        input_side = ?sub.input_side,
                         "also training the leading channels the narrower neighbour holds"
                     );
                     trainer.train_sub_network(sub);
