@@ -185,6 +185,42 @@ impl Trainer {
         self.sub_network = Some(sub);
     }
 
+    /// Re-estimates every batch norm's running statistics from `batches` batches of
+    /// `data`, unaugmented as test images are, with the current weights.
+    ///
+    /// Evaluation and the Akida export normalise with the running statistics, which
+    /// training last updated before the round's average moved the weights; where the
+    /// average moves them far (an Akida-class model pulled toward its Jetson-class
+    /// neighbours' channels), statistics of the old weights misjudge the new ones. After a
+    /// reset, `batches` updates at batch norm's momentum of 0.1 leave 0.9^`batches` of the
+    /// reset values (0.5% after 50).
+    pub fn recalibrate_batch_norm(&mut self, data: &Dataset, batches: usize) {
+        tch::no_grad(|| {
+            for (name, mut var) in self.vs.variables() {
+                if name.ends_with(".running_mean") {
+                    let _ = var.zero_();
+                } else if name.ends_with(".running_var") {
+                    let _ = var.fill_(1.0);
+                }
+            }
+            let seed = self.config.seed ^ self.optimizer.steps();
+            let mut batcher = Batcher::new(
+                data.len(),
+                self.config.batch_size,
+                self.normalize,
+                None,
+                seed,
+            );
+            for _ in 0..batches {
+                let (mut inputs, _) = batcher.next_batch(data, self.device);
+                if self.channels_last {
+                    inputs = model::to_channels_last(&inputs);
+                }
+                let _ = self.model.forward_t(&inputs, true);
+            }
+        });
+    }
+
     pub fn evaluate(&self, data: &Dataset) -> EvalReport {
         eval::evaluate(
             &self.model,
@@ -263,5 +299,74 @@ impl Trainer {
         self.optimizer.load_state(&ck.tensors, step)?;
         self.batcher = batcher_at(&self.config, self.train_len, step);
         Ok(ck)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Architecture;
+    use crate::optim::OptimizerKind;
+
+    #[test]
+    fn recalibrated_statistics_describe_the_current_weights() {
+        let images = Tensor::randint(256, [512, 3, 32, 32], (Kind::Uint8, Device::Cpu));
+        let data = Dataset {
+            images,
+            labels: Tensor::zeros([512], (Kind::Int64, Device::Cpu)),
+            classes: (0..10).map(|c| c.to_string()).collect(),
+        };
+        let spec = ModelSpec {
+            architecture: Architecture::JetsonCnn,
+            in_channels: 3,
+            classes: 10,
+        };
+        let config = TrainConfig {
+            batch_size: 64,
+            local_steps: 1,
+            rounds: 1,
+            optimizer: OptimizerConfig {
+                kind: OptimizerKind::Adam,
+                learning_rate: 1e-3,
+                weight_decay: 0.0,
+                momentum: 0.9,
+                clip_grad_norm: None,
+            },
+            warmup_steps: 0,
+            augment: false,
+            seed: 3,
+        };
+        let mut trainer = Trainer::new(spec, config, data.len(), Device::Cpu);
+        trainer.train_steps(&data, 5).unwrap();
+
+        // What the first batch norm should hold: the statistics of conv1's outputs over
+        // the data, after the weights moved (as an average with neighbours moves them).
+        let vars = trainer.vs.variables();
+        tch::no_grad(|| {
+            let _ = vars["conv1.weight"].shallow_clone().g_mul_scalar_(3.0);
+        });
+        let outputs = tch::no_grad(|| {
+            trainer.normalize.apply(&data.images).conv2d(
+                &vars["conv1.weight"],
+                Some(&vars["conv1.bias"]),
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                1,
+            )
+        });
+        let dims = [0i64, 2, 3];
+        let mean = outputs.mean_dim(&dims[..], false, Kind::Float);
+        let var = outputs.var_dim(&dims[..], false, false);
+        let off = |stats: &Tensor, want: &Tensor| (stats - want).abs().max().double_value(&[]);
+        let scale = var.sqrt().max().double_value(&[]);
+        assert!(
+            off(&vars["bn1.running_var"], &var) > 0.5 * scale * scale,
+            "stale statistics should be visibly off"
+        );
+
+        trainer.recalibrate_batch_norm(&data, 50);
+        assert!(off(&vars["bn1.running_mean"], &mean) < 0.05 * scale);
+        assert!(off(&vars["bn1.running_var"], &var) < 0.1 * scale * scale);
     }
 }

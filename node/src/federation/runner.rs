@@ -943,10 +943,17 @@ fn trainable_indices(trainer: &Trainer, params: &[(String, Tensor)]) -> Vec<usiz
         .collect()
 }
 
-/// Evaluates the node's model on its test split. An Akida-class model is scored by the
-/// integer engine on its export, re-quantised from the current weights: the accuracy the
-/// chip would give (the loss stays the quantisation-aware float model's).
+/// Batches that re-estimate batch-norm statistics before each evaluation.
+const BATCH_NORM_BATCHES: usize = 50;
+
+/// Evaluates the node's model on its test split, batch-norm statistics first re-estimated
+/// on its training split for the weights the round's average left. An Akida-class model is
+/// scored by the integer engine on its export, re-quantised from the current weights: the
+/// accuracy the chip would give (the loss stays the quantisation-aware float model's).
 fn evaluate(local: &mut Local) -> EvalReport {
+    local
+        .trainer
+        .recalibrate_batch_norm(&local.train, BATCH_NORM_BATCHES);
     let mut report = local.trainer.evaluate(&local.test);
     if local.trainer.spec.architecture == model::Architecture::AkidaCnn {
         match akida::evaluate(&local.trainer, &local.test) {
