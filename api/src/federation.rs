@@ -163,7 +163,8 @@ pub enum AggregationRule {
 /// What members of different architectures average with each other. The smaller model's
 /// layers keep the first channels of the larger's, so each of its weights is a slice of
 /// the larger model's (the first layer's grey input channel standing for the sum of the
-/// colour channels); batch-norm parameters always stay with each architecture.
+/// colour channels). A batch norm's scale and shift go with the convolution before it;
+/// its running statistics always stay with each member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum SharedLayers {

@@ -30,6 +30,9 @@ use crate::data::Normalize;
 /// Side of the grid the last feature map is pooled to.
 pub const POOLED_SIDE: i64 = 2;
 
+/// Share of each training batch's statistics that a batch norm's running statistics take.
+pub const BATCH_NORM_MOMENTUM: f64 = 0.1;
+
 /// Which network a node trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -98,13 +101,17 @@ impl Cnn {
             padding: 1,
             ..Default::default()
         };
+        let bn_cfg = nn::BatchNormConfig {
+            momentum: BATCH_NORM_MOMENTUM,
+            ..Default::default()
+        };
         let mut blocks = Vec::new();
         let mut channels = spec.in_channels;
         for (i, &width) in widths.iter().enumerate() {
             let n = i + 1;
             blocks.push(ConvBlock {
                 conv: nn::conv2d(root / format!("conv{n}"), channels, width, 3, conv_cfg),
-                bn: nn::batch_norm2d(root / format!("bn{n}"), width, Default::default()),
+                bn: nn::batch_norm2d(root / format!("bn{n}"), width, bn_cfg),
             });
             channels = width;
         }

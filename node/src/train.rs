@@ -185,38 +185,46 @@ impl Trainer {
         self.sub_network = Some(sub);
     }
 
-    /// Re-estimates every batch norm's running statistics from `batches` batches of
-    /// `data`, unaugmented as test images are, with the current weights.
+    /// Re-estimates every batch norm's running statistics as their mean over `batches`
+    /// batches of `data`, unaugmented as test images are, with the current weights.
     ///
     /// Evaluation and the Akida export normalise with the running statistics, which
     /// training last updated before the round's average moved the weights; where the
     /// average moves them far (an Akida-class model pulled toward its Jetson-class
-    /// neighbours' channels), statistics of the old weights misjudge the new ones. After a
-    /// reset, `batches` updates at batch norm's momentum of 0.1 leave 0.9^`batches` of the
-    /// reset values (0.5% after 50).
+    /// neighbours' channels), statistics of the old weights misjudge the new ones.
     pub fn recalibrate_batch_norm(&mut self, data: &Dataset, batches: usize) {
+        let statistics: Vec<Tensor> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(".running_mean") || name.ends_with(".running_var"))
+            .map(|(_, tensor)| tensor)
+            .collect();
+        let seed = self.config.seed ^ self.optimizer.steps();
+        let mut batcher = Batcher::new(
+            data.len(),
+            self.config.batch_size,
+            self.normalize,
+            None,
+            seed,
+        );
         tch::no_grad(|| {
-            for (name, mut var) in self.vs.variables() {
-                if name.ends_with(".running_mean") {
-                    let _ = var.zero_();
-                } else if name.ends_with(".running_var") {
-                    let _ = var.fill_(1.0);
-                }
-            }
-            let seed = self.config.seed ^ self.optimizer.steps();
-            let mut batcher = Batcher::new(
-                data.len(),
-                self.config.batch_size,
-                self.normalize,
-                None,
-                seed,
-            );
-            for _ in 0..batches {
+            for k in 0..batches {
+                let before: Vec<Tensor> = statistics.iter().map(Tensor::copy).collect();
                 let (mut inputs, _) = batcher.next_batch(data, self.device);
                 if self.channels_last {
                     inputs = model::to_channels_last(&inputs);
                 }
                 let _ = self.model.forward_t(&inputs, true);
+
+                // The pass moved each statistic a momentum's share of the way to this
+                // batch's; stretching the move makes it the mean of the k + 1 batches so far
+                // (the first batch's own statistics replace the stale ones outright).
+                let stretch = 1.0 / (model::BATCH_NORM_MOMENTUM * (k + 1) as f64);
+                for (statistic, old) in statistics.iter().zip(&before) {
+                    let mean = (statistic - old) * stretch + old;
+                    statistic.shallow_clone().copy_(&mean);
+                }
             }
         });
     }

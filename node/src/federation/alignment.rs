@@ -19,9 +19,13 @@
 //! input weight is that sum, and a difference lifted back into the colour model is spread
 //! evenly, a third to each channel, which moves the sum by exactly the difference.
 //!
-//! Batch-norm parameters and statistics stay with each architecture: they describe the
-//! activations of one model on its own data (as in FedBN), and the two models' activations
-//! differ even where their weights agree.
+//! A batch norm's scale and shift travel with the convolution they follow: both models
+//! train with each batch's own statistics, so a channel's scale and shift mean the same on
+//! either side, and a wider model trains its leading channels' through the narrower
+//! model's forward pass (see [`SubNetwork`]). The running statistics stay with each
+//! member: they describe one model's activations on its own data (as in FedBN), which
+//! differ between the two even where the weights agree, and each member re-estimates them
+//! for the weights the round leaves before it evaluates.
 
 use edgesync_api::SharedLayers;
 use tch::{Kind, Tensor};
@@ -64,7 +68,7 @@ pub enum Channels {
 
 /// For each of `mine`'s parameters, its alignment with `theirs`, or `None` where nothing
 /// is shared. Identical fingerprints share everything whole; different ones share the
-/// layers `shared` names, batch norm never.
+/// layers `shared` names, batch-norm running statistics never.
 pub fn plan(
     mine: &ModelShapes,
     theirs: &ModelShapes,
@@ -105,11 +109,13 @@ pub fn narrower_neighbour(
 }
 
 fn is_shared(name: &str, shared: SharedLayers) -> bool {
-    let layer = name.split('.').next().unwrap_or_default();
+    let (layer, field) = name.split_once('.').unwrap_or((name, ""));
+    let batch_norm_affine = layer.starts_with("bn") && matches!(field, "weight" | "bias");
+    let features = layer.starts_with("conv") || batch_norm_affine;
     match shared {
         SharedLayers::None => false,
-        SharedLayers::Features => layer.starts_with("conv"),
-        SharedLayers::All => layer.starts_with("conv") || layer.starts_with("fc"),
+        SharedLayers::Features => features,
+        SharedLayers::All => features || layer.starts_with("fc"),
     }
 }
 
@@ -212,6 +218,7 @@ mod tests {
         shapes(
             "jetson",
             &[
+                ("bn1.running_mean", &[32]),
                 ("bn1.weight", &[32]),
                 ("conv1.weight", &[32, 3, 3, 3]),
                 ("conv2.weight", &[64, 32, 3, 3]),
@@ -225,6 +232,7 @@ mod tests {
         shapes(
             "akida",
             &[
+                ("bn1.running_mean", &[16]),
                 ("bn1.weight", &[16]),
                 ("conv1.weight", &[16, 1, 3, 3]),
                 ("conv2.weight", &[32, 16, 3, 3]),
@@ -235,24 +243,35 @@ mod tests {
     }
 
     #[test]
-    fn the_smaller_model_is_a_slice_of_the_larger_batch_norm_stays_local() {
+    fn the_smaller_model_is_a_slice_of_the_larger_batch_norm_statistics_stay_local() {
         let plan = plan(&jetson(), &akida(), SharedLayers::All);
-        assert_eq!(plan[0], None, "batch norm is never shared");
+        assert_eq!(plan[0], None, "running statistics are never shared");
+        let sliced = |n| {
+            Some(Alignment::Slice {
+                overlap: vec![n],
+                channels: Channels::Sliced,
+            })
+        };
         assert_eq!(
             plan[1],
+            sliced(16),
+            "scale and shift go with their convolution"
+        );
+        assert_eq!(
+            plan[2],
             Some(Alignment::Slice {
                 overlap: vec![16, 1, 3, 3],
                 channels: Channels::MineSummed
             })
         );
         assert_eq!(
-            plan[2],
+            plan[3],
             Some(Alignment::Slice {
                 overlap: vec![32, 16, 3, 3],
                 channels: Channels::Sliced
             })
         );
-        assert_eq!(plan[3], Some(Alignment::Whole));
+        assert_eq!(plan[4], Some(Alignment::Whole));
 
         let sub = narrower_neighbour(&jetson(), &plan).unwrap();
         assert_eq!((sub.fraction, sub.grey), (0.5, true));
@@ -265,7 +284,8 @@ mod tests {
         );
 
         let features = super::plan(&jetson(), &akida(), SharedLayers::Features);
-        assert!(features[3].is_none() && features[4].is_none() && features[2].is_some());
+        assert!(features[4].is_none() && features[5].is_none());
+        assert!(features[1].is_some() && features[3].is_some());
         let none = super::plan(&jetson(), &akida(), SharedLayers::None);
         assert!(none.iter().all(Option::is_none));
         let same = super::plan(&jetson(), &jetson(), SharedLayers::None);
@@ -276,8 +296,8 @@ mod tests {
     fn grey_and_colour_first_layers_meet_through_the_channel_sum() {
         let colour = Tensor::randn([32, 3, 3, 3], (Kind::Float, Device::Cpu));
         let grey = Tensor::randn([16, 1, 3, 3], (Kind::Float, Device::Cpu));
-        let from_colour = &plan(&akida(), &jetson(), SharedLayers::Features)[1];
-        let from_grey = &plan(&jetson(), &akida(), SharedLayers::Features)[1];
+        let from_colour = &plan(&akida(), &jetson(), SharedLayers::Features)[2];
+        let from_grey = &plan(&jetson(), &akida(), SharedLayers::Features)[2];
         let (a, j) = (from_colour.as_ref().unwrap(), from_grey.as_ref().unwrap());
 
         // Both sides see the same overlap: the colour kernels' sum for the first 16 filters.

@@ -763,11 +763,11 @@ mod tests {
         };
         // A colour model with four filters, and a grey one holding the first two.
         let wide = vec![
-            ("bn1.weight".to_string(), tensor(&[4], 1.0)),
+            ("bn1.running_mean".to_string(), tensor(&[4], 1.0)),
             ("conv1.weight".to_string(), tensor(&[4, 3, 1, 1], 1.0)),
         ];
         let narrow = vec![
-            ("bn1.weight".to_string(), tensor(&[2], -2.0)),
+            ("bn1.running_mean".to_string(), tensor(&[2], -2.0)),
             ("conv1.weight".to_string(), tensor(&[2, 1, 1, 1], -2.0)),
         ];
         let shapes = |fp: &str, p: &[(String, Tensor)]| ModelShapes {
@@ -820,7 +820,7 @@ mod tests {
         let middle = (sum(&before[0][1]) + &before[1][1]) / 2.0;
         assert!(sum(&params[0][1]).allclose(&middle, 1e-5, 1e-5, false));
         assert!(params[1][1].allclose(&middle, 1e-5, 1e-5, false));
-        // What only the wide model has, and batch norm on both sides, did not move.
+        // What only the wide model has, and running statistics on both sides, did not move.
         assert!(params[0][1]
             .narrow(0, 2, 2)
             .equal(&before[0][1].narrow(0, 2, 2)));
