@@ -2,14 +2,14 @@
 # Jetson- and Akida-class nodes in one federation, with and without cross-architecture
 # alignment: the seed testbed (Akida node on MNIST, sharing the convolutional features) and
 # the grey-CIFAR testbed (Akida node on CIFAR-10 in grey at 28x28, sharing every layer but
-# batch norm), each also run with `crossArchitecture: none`, where the Akida node learns
-# alone and the Jetsons only with each other. Prints the Akida node's accuracy and the
-# Jetson nodes' mean and minimum at the last round.
+# batch norm's running statistics), each also run with `crossArchitecture: none`, where the
+# Akida node learns alone and the Jetsons only with each other. Prints the Akida node's
+# accuracy and the Jetson nodes' mean and minimum at the last round.
 #
 #   bench/heterogeneous.sh [OUT_DIR] [ROUNDS] [VARIANT ...]
 #     variants: gray-all gray-none seed-features seed-none (default: all four)
 #
-# Takes 10-20 minutes per variant at 100 rounds on a 2-core machine.
+# Takes 10-20 minutes per variant at 60 rounds on a 2-core machine.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=$(realpath -m "${1:-$repo/runs/heterogeneous}")
